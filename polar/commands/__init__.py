@@ -1,0 +1,1 @@
+"""Subcommands of the polar CLI, one module each."""

@@ -1,0 +1,65 @@
+"""Small file helpers every long job uses: atomic writes and the settings block of outputs.
+
+Outputs are written to a temporary file in the same directory and renamed into place, so an
+interrupted run never leaves a half-written JSON behind and readers never see one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+PROGRAM_SEMANTICS = "unrolled: every program position has its own KV state"
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temp file + rename (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> Path:
+    """Serialise ``obj`` as JSON and write it atomically."""
+    return write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages whose behaviour changes results."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("polar-layers", "torch", "transformers", "math-verify"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def run_metadata(**settings: Any) -> dict[str, Any]:
+    """The block every output file carries: the settings that produced it, plus versions."""
+    return {
+        "settings": settings,
+        "program_semantics": PROGRAM_SEMANTICS,
+        "versions": versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
