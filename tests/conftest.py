@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random-weight models built from real architectures' configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+
+
+def tiny_config(arch: str):
+    """A small config of the named architecture (random weights are built from it)."""
+    import transformers as tf
+
+    if arch == "llama":
+        return tf.LlamaConfig(**TINY)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**TINY)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**TINY, head_dim=16)
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeConfig(
+            **TINY, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=48, decoder_sparse_step=1,
+        )
+    if arch == "mistral":
+        return tf.MistralConfig(**TINY, sliding_window=None)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, seed: int = 0, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=dtype, attn_implementation="sdpa")
+    # Random init of some modules (e.g. norms) is near-identity; perturb everything so that
+    # layers are clearly distinguishable and a wrong layer order shows up in the logits.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+ARCHS = ["llama", "qwen2", "qwen2_moe", "qwen3"]
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
