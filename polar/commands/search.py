@@ -1,0 +1,189 @@
+"""``polar search``: label questions with valid programs by MCTS (SPEC 5).
+
+Writes ``{out}/{model}/dart-math-diff-N/merged_mcts_samples.json`` (the release's supervision
+format), ``summary.json`` and two plots. Restartable (rerun the same command to resume) and
+shardable (``--shard i/n`` or RANK/WORLD_SIZE set by ``torchrun``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DATASETS = ("dart", "math", "gsm8k", "math500", "asdiv", "mawps", "svamp")
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "search",
+        help="find valid programs per question by MCTS (writes merged_mcts_samples.json)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model_path", default=DEFAULT_MODEL, help="hub id, local directory or .gguf file")
+    p.add_argument("--dataset", choices=DATASETS, default="math",
+                   help="question pool; 'math' is the offline equivalent of 'dart' (default: math)")
+    p.add_argument("--target_diff", type=int, choices=range(1, 6), metavar="N", help="difficulty level 1-5")
+    p.add_argument("--limit", type=int, default=None, help="search only this many questions")
+    p.add_argument("--offset", type=int, default=0, help="skip this many questions first")
+    p.add_argument("--num_simulations", type=int, default=100)
+    p.add_argument("--max_new_tokens", type=int, default=50)
+    p.add_argument("--prompt_style", default=None,
+                   help="prompt wrapping (plain, chat, chat_nothink; default: the model's reference style)")
+    p.add_argument("--answer_mode", choices=("boxed", "lenient"), default="boxed")
+    p.add_argument("--fewshot", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=64, help="sequences per engine call")
+    p.add_argument("--max_active", type=int, default=None,
+                   help="questions searched at once (default: batch_size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--min_length", type=int, default=None, help="shortest allowed program (default: per model)")
+    p.add_argument("--max_length", type=int, default=None, help="longest allowed program (default: per model)")
+    p.add_argument("--epsilon", type=float, default=0.1)
+    p.add_argument("--length_penalty", type=float, default=5.0)
+    p.add_argument("--exploration", type=float, default=2 ** 0.5)
+    p.add_argument("--widening", type=float, default=0.5,
+                   help="progressive widening exponent; <= 0 for classic UCT (see polar.search)")
+    p.add_argument("--shard", default=None, metavar="i/n",
+                   help="search shard i of n (default: RANK/WORLD_SIZE from the environment, else 0/1)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="output root (like --data_root of training)")
+    p.set_defaults(func=run)
+
+
+def parse_shard(text: str | None, env: dict[str, str] | None = None) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n); without it, RANK/WORLD_SIZE (set by torchrun) or (0, 1)."""
+    env = os.environ if env is None else env
+    if text is None:
+        if "RANK" in env and "WORLD_SIZE" in env:
+            text = f"{env['RANK']}/{env['WORLD_SIZE']}"
+        else:
+            return 0, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like 2/8 (shard 2 of 8), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def default_device(device: str | None) -> str | None:
+    """Under torchrun each rank takes the GPU named by LOCAL_RANK."""
+    if device is not None:
+        return device
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{int(local)}"
+    return None
+
+
+def load_question_list(dataset: str, target_diff: int | None, offset: int, limit: int | None) -> list[Any]:
+    from polar.datasets import load_questions
+
+    if offset < 0 or (limit is not None and limit < 0):
+        raise ValueError("--offset and --limit must not be negative")
+    wanted = None if limit is None else offset + limit
+    questions = list(load_questions(dataset, difficulty=target_diff, limit=wanted))
+    return questions[offset:wanted]
+
+
+def resolve_prompt_style(style: str | None, model_path: str) -> str:
+    if style is not None:
+        return style
+    from polar.prompts import default_prompt_style
+
+    return default_prompt_style(model_path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from polar.io import run_metadata
+    from polar.search import SearchConfig, merge_shards, model_dir_name, run_shard, task_name
+
+    shard, num_shards = parse_shard(args.shard)
+    task_dir = Path(args.out) / model_dir_name(args.model_path) / task_name(args.dataset, args.target_diff)
+    config = SearchConfig(
+        num_simulations=args.num_simulations, epsilon=args.epsilon, length_penalty=args.length_penalty,
+        exploration=args.exploration, min_length=args.min_length, max_length=args.max_length,
+        widening=args.widening if args.widening > 0 else None, seed=args.seed,
+    )
+    prompt_style = resolve_prompt_style(args.prompt_style, args.model_path)
+    questions = load_question_list(args.dataset, args.target_diff, args.offset, args.limit)
+    resume_key = {
+        "model_path": args.model_path, "dataset": args.dataset, "target_diff": args.target_diff,
+        "offset": args.offset, "limit": args.limit, "questions": len(questions), "dtype": args.dtype,
+        "prompt_style": prompt_style, "answer_mode": args.answer_mode, "fewshot": args.fewshot,
+        "max_new_tokens": args.max_new_tokens, "search": config.as_dict(),
+    }
+    device = default_device(args.device)
+    settings = {**resume_key, "seed": args.seed, "simulations": args.num_simulations,
+                "batch_size": args.batch_size, "device": device}
+
+    def make_scorer():
+        from polar.engine import ProgramRunner
+        from polar.scoring import ProgramScorer
+
+        runner = ProgramRunner.from_pretrained(args.model_path, device=device, dtype=args.dtype)
+        scorer = ProgramScorer(runner, prompt_style=prompt_style, answer_mode=args.answer_mode,
+                               max_new_tokens=args.max_new_tokens, fewshot=args.fewshot,
+                               batch_size=args.batch_size)
+        settings["model_source"] = runner.model_name
+        settings["num_layers"] = runner.num_layers
+        state_metadata.update(run_metadata(**settings))
+        return scorer, runner.num_layers
+
+    state_metadata: dict[str, Any] = {}
+    mine = sum(1 for k in range(len(questions)) if k % num_shards == shard)
+    bar = _ProgressBar(mine, disabled=args.no_progress)
+    try:
+        state = run_shard(
+            questions, make_scorer, task_dir, resume_key, state_metadata, config, args.model_path,
+            shard=shard, num_shards=num_shards, max_active=args.max_active or args.batch_size,
+            progress=bar.update,
+        )
+    finally:
+        bar.close()
+    print(f"shard {shard}/{num_shards}: {len(state['samples'])} of {mine} questions done", file=sys.stderr)
+    merged = merge_shards(task_dir, num_shards)
+    if merged is None:
+        print(f"waiting for other shards; merge later with: polar merge --out {args.out} "
+              f"--model_path {args.model_path} --dataset {args.dataset} --target_diff {args.target_diff}",
+              file=sys.stderr)
+        return 0
+    print_summary(*merged)
+    return 0
+
+
+def print_summary(merged_path: Path, summary: dict[str, Any]) -> None:
+    print(f"wrote {merged_path}")
+    for key, value in summary.items():
+        print(f"  {key}: {value}")
+
+
+class _ProgressBar:
+    """tqdm bar over questions, with programs evaluated and programs/s in the postfix."""
+
+    def __init__(self, total: int, disabled: bool = False) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="q", desc="search", disable=disabled, dynamic_ncols=True)
+        self.programs = 0
+        self.started = time.perf_counter()
+
+    def update(self, finished: int, programs: int) -> None:
+        self.programs += programs
+        rate = self.programs / max(1e-9, time.perf_counter() - self.started)
+        self.bar.set_postfix(programs=self.programs, prog_per_s=f"{rate:.1f}", refresh=False)
+        self.bar.update(finished)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,164 @@
+"""(question, program) -> correct?  The one place where prompts, the engine and answer checking meet.
+
+Search and evaluation both reduce their work to flat lists of (question, program) pairs. The
+scorer turns those into engine batches: it formats each question's prompt once, sorts the pairs
+by prompt length so a chunk holds prompts of similar size (less padding, less wasted compute),
+runs each chunk with one heterogeneous ``runner.generate`` call, and puts the outcomes back in
+the caller's order. It knows nothing about KV caches or MCTS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from polar.engine import ProgramRunner
+
+
+class QuestionLike(Protocol):
+    """What the scorer reads from a question (``polar.datasets.Question`` satisfies it)."""
+
+    id: str
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of running one program on one question."""
+
+    correct: bool
+    answer: str | None
+    text: str
+    layers_executed: int
+
+
+class ProgramScorer:
+    """Score many (question, program) pairs in as few engine calls as possible.
+
+    ``batch_size`` is the number of sequences per ``runner.generate`` call; it bounds memory, not
+    correctness: outcomes do not depend on how pairs are chunked.
+    """
+
+    def __init__(
+        self,
+        runner: "ProgramRunner",
+        prompt_style: str = "plain",
+        answer_mode: str = "boxed",
+        max_new_tokens: int = 50,
+        fewshot: int = 0,
+        batch_size: int = 64,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if answer_mode not in ("boxed", "lenient"):
+            raise ValueError(f"answer_mode must be 'boxed' or 'lenient', got {answer_mode!r}")
+        self.runner = runner
+        self.prompt_style = prompt_style
+        self.answer_mode = answer_mode
+        self.max_new_tokens = max_new_tokens
+        self.fewshot = fewshot
+        self.batch_size = batch_size
+        # Prompts and their token counts are reused across every program of a question, and
+        # search scores ~100 programs per question, so both are cached by question text.
+        self._prompts: dict[tuple[str, str], tuple[str, int]] = {}
+        self.generate_calls = 0
+        self.pairs_scored = 0
+
+    # ------------------------------------------------------------------ public API
+
+    def settings(self) -> dict[str, Any]:
+        """The settings that change outcomes; every output file records them."""
+        return {
+            "model": getattr(self.runner, "model_name", None),
+            "num_layers": getattr(self.runner, "num_layers", None),
+            "prompt_style": self.prompt_style,
+            "answer_mode": self.answer_mode,
+            "max_new_tokens": self.max_new_tokens,
+            "fewshot": self.fewshot,
+            "decoding": "greedy",
+        }
+
+    def score(self, questions: Sequence[QuestionLike], programs: Sequence[Sequence[int]]) -> list[Outcome]:
+        """Run ``programs[i]`` on ``questions[i]`` for every i; return outcomes in input order."""
+        if len(questions) != len(programs):
+            raise ValueError(
+                f"score() needs one program per question, got {len(questions)} questions "
+                f"and {len(programs)} programs"
+            )
+        if not questions:
+            return []
+        prompts = [self._prompt(q) for q in questions]
+        # Identical pairs (same prompt, same program) are run once: evaluation often asks for the
+        # same program twice, and greedy decoding makes the second run redundant.
+        unique: dict[tuple[str, tuple[int, ...]], int] = {}
+        slot_of: list[int] = []
+        for (text, _), program in zip(prompts, programs):
+            key = (text, tuple(program))
+            slot_of.append(unique.setdefault(key, len(unique)))
+        keys = list(unique)
+        lengths = {text: n for text, n in prompts}
+        order = sorted(range(len(keys)), key=lambda k: (lengths[keys[k][0]], k))
+        gold_of = {}
+        for q, (text, _) in zip(questions, prompts):
+            gold_of.setdefault(text, q.answer)
+
+        results: list[Outcome | None] = [None] * len(keys)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            gens = self.runner.generate(
+                [keys[k][0] for k in chunk],
+                [list(keys[k][1]) for k in chunk],
+                max_new_tokens=self.max_new_tokens,
+            )
+            self.generate_calls += 1
+            outcomes = self._judge(gens, [gold_of[keys[k][0]] for k in chunk])
+            for k, outcome in zip(chunk, outcomes):
+                results[k] = outcome
+        self.pairs_scored += len(keys)
+        return [results[slot] for slot in slot_of]  # type: ignore[misc]
+
+    # ------------------------------------------------------------------ helpers
+
+    def _prompt(self, question: QuestionLike) -> tuple[str, int]:
+        """Formatted prompt text and its token count, computed once per question."""
+        key = (question.question, question.id)
+        cached = self._prompts.get(key)
+        if cached is None:
+            from polar.prompts import format_prompt
+
+            tokenizer = getattr(self.runner, "tokenizer", None)
+            text = format_prompt(question.question, self.prompt_style, tokenizer=tokenizer, fewshot=self.fewshot)
+            cached = (text, _token_count(tokenizer, text))
+            self._prompts[key] = cached
+        return cached
+
+    def _judge(self, gens: Sequence[Any], golds: Sequence[str]) -> list[Outcome]:
+        """Extract each completion's answer and check it against the gold answer."""
+        from polar.math import check_answers, extract_answer
+        from polar.prompts import completion_answer_text
+
+        answers = [
+            extract_answer(completion_answer_text(g.text, self.prompt_style), self.answer_mode) for g in gens
+        ]
+        # No extracted answer is simply wrong; only real answers go to the (slower) checker.
+        present = [i for i, a in enumerate(answers) if a is not None]
+        checked = check_answers([answers[i] for i in present], [golds[i] for i in present]) if present else []
+        correct = [False] * len(answers)
+        for i, ok in zip(present, checked):
+            correct[i] = bool(ok)
+        return [
+            Outcome(correct=bool(ok), answer=ans, text=g.text, layers_executed=int(g.layers_executed))
+            for g, ans, ok in zip(gens, answers, correct)
+        ]
+
+
+def _token_count(tokenizer: Any, text: str) -> int:
+    """Prompt length in tokens (for sorting only); falls back to characters without a tokenizer."""
+    if tokenizer is None:
+        return len(text)
+    try:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    except Exception:  # a tokenizer that cannot encode plain text still sorts by characters
+        return len(text)

@@ -1,0 +1,606 @@
+"""Monte Carlo tree search over programs of layers, many questions in lockstep (SPEC section 5).
+
+Per question the tree's root is the full-depth program. Moves:
+
+* from the root: skip a contiguous block of 1-``max_block`` layers, or insert one extra copy of
+  such a block right after it (``[.., 5, 6, 5, 6, ..]``);
+* below the root: skip one program position, or repeat one position in place.
+
+A child is legal when no layer index occurs more than ``max_uses_per_layer`` times and its length
+lies within the model's bounds (:func:`length_bounds`).
+
+One *simulation* evaluates one new program:
+
+1. **Selection** walks down from the root. At each node that may not grow (see widening below) it
+   moves to a random child with probability ``epsilon`` and otherwise to the child with the largest
+   ``mean_reward - length_penalty * len / D + exploration * sqrt(ln(N_parent + 1) / n)``
+   (ties go to the child created first).
+2. **Expansion** happens at the first node that may grow: one of its untried moves, chosen
+   uniformly at random, becomes a new child and its program is scored (reward 1 when the greedy
+   answer is correct, else 0).
+3. **Backpropagation** adds the reward to the new node and all its ancestors.
+
+*Progressive widening.* A node with ``N`` visits may hold ``ceil(N ** widening)`` children.
+Without it (``widening=None``, classic UCT: grow while any move is untried) the root alone has
+~8·D moves, so 100 simulations would never get below the root and the deeper moves of the spec
+would never be used. With the default 0.5 the root keeps ~10 children after 100 simulations and
+the rest of the budget goes deeper, towards shorter programs.
+
+*Each program is evaluated at most once per question.* Every question keeps a cache
+``program -> reward``. When an expansion picks a program already in the cache (the same program
+reached by another move order), the node is still added and the cached reward backpropagated, but
+this does **not** count as a simulation: the budget ``num_simulations`` counts newly evaluated
+programs, so the walk restarts from the root. A walk that ends at a node with no legal move and
+no children re-backpropagates that node's reward, again without counting. Both kinds of free steps
+are capped (``max_free_steps`` in a row) so a search whose reachable space is exhausted ends.
+
+*Lockstep.* The search of one question is a generator that yields the program it wants scored and
+receives the reward (:func:`question_search`). :func:`search_many` advances every active question
+by one simulation per round and scores all pending programs with ONE scorer call. Each question
+draws from its own RNG seeded by ``(seed, question id)``, so its result does not depend on which
+other questions share the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from polar.errors import DataError
+from polar.io import write_json_atomic
+from polar.programs import full_program
+
+Program = tuple[int, ...]
+
+# Length bounds the paper used, keyed by a lowercase fragment of the model name and the depth the
+# model must have (so a same-named model of another depth falls back to the scaled rule).
+PAPER_LENGTH_BOUNDS: dict[str, tuple[int, int, int]] = {
+    "llama-3.2-3b": (28, 16, 32),
+    "qwen2.5-3b": (36, 24, 44),
+    "qwen3-8b": (36, 24, 44),
+    "qwen1.5-moe": (24, 16, 28),
+}
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Every constant of the search; the defaults are the paper's (SPEC 5)."""
+
+    num_simulations: int = 100
+    epsilon: float = 0.1
+    length_penalty: float = 5.0
+    exploration: float = math.sqrt(2)
+    max_block: int = 4
+    max_uses_per_layer: int = 2
+    min_length: int | None = None  # None: per-model default, see length_bounds()
+    max_length: int | None = None
+    widening: float | None = 0.5  # None: classic UCT (expand while any move is untried)
+    max_free_steps: int = 200
+    seed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def length_bounds(model_name: str | None, num_layers: int, config: SearchConfig = SearchConfig()) -> tuple[int, int]:
+    """Allowed program lengths ``(min, max)``.
+
+    The paper's models use the paper's bounds. Any other model scales Llama-3.2-3B's bounds
+    (16-32 of 28 layers) by its depth: ``round(D*16/28) .. round(D*32/28)``; e.g. SmolLM2's
+    30 layers give 17-34. Explicit ``min_length`` / ``max_length`` in the config win. The full
+    program must stay legal, so bounds are widened to include ``D`` if needed.
+    """
+    lo = max(1, round(num_layers * 16 / 28))
+    hi = round(num_layers * 32 / 28)
+    name = (model_name or "").lower()
+    for fragment, (depth, p_lo, p_hi) in PAPER_LENGTH_BOUNDS.items():
+        if fragment in name and depth == num_layers:
+            lo, hi = p_lo, p_hi
+            break
+    if config.min_length is not None:
+        lo = config.min_length
+    if config.max_length is not None:
+        hi = config.max_length
+    if lo < 1 or lo > hi:
+        raise ValueError(f"program length bounds {lo}..{hi} are empty or start below 1")
+    return min(lo, num_layers), max(hi, num_layers)
+
+
+# --------------------------------------------------------------------------- moves
+
+
+def is_legal(program: Sequence[int], bounds: tuple[int, int], max_uses: int) -> bool:
+    """Length within bounds and no layer used more than ``max_uses`` times."""
+    if not bounds[0] <= len(program) <= bounds[1]:
+        return False
+    counts: dict[int, int] = {}
+    for layer in program:
+        counts[layer] = counts.get(layer, 0) + 1
+        if counts[layer] > max_uses:
+            return False
+    return True
+
+
+def root_moves(program: Sequence[int], max_block: int) -> list[Program]:
+    """Skip any contiguous block of 1..max_block positions, or duplicate it right after itself."""
+    p = tuple(program)
+    out: list[Program] = []
+    for size in range(1, max_block + 1):
+        for start in range(0, len(p) - size + 1):
+            end = start + size
+            out.append(p[:start] + p[end:])
+            out.append(p[:end] + p[start:end] + p[end:])
+    return out
+
+
+def single_moves(program: Sequence[int]) -> list[Program]:
+    """Skip one position, or repeat one position in place."""
+    p = tuple(program)
+    out: list[Program] = []
+    for i in range(len(p)):
+        out.append(p[:i] + p[i + 1 :])
+        out.append(p[: i + 1] + p[i:])
+    return out
+
+
+def legal_children(
+    program: Sequence[int], is_root: bool, bounds: tuple[int, int], config: SearchConfig
+) -> list[Program]:
+    """Distinct legal children in a fixed order (the order only matters for reproducibility)."""
+    candidates = root_moves(program, config.max_block) if is_root else single_moves(program)
+    seen: set[Program] = set()
+    out: list[Program] = []
+    for child in candidates:
+        if child and child not in seen and is_legal(child, bounds, config.max_uses_per_layer):
+            seen.add(child)
+            out.append(child)
+    return out
+
+
+# --------------------------------------------------------------------------- tree
+
+
+@dataclass(eq=False)
+class Node:
+    """One program in one question's tree. ``value`` is the sum of backpropagated rewards."""
+
+    program: Program
+    reward: float
+    parent: "Node | None" = None
+    children: list["Node"] = field(default_factory=list)
+    untried: list[Program] | None = None  # legal moves not yet expanded; None = not generated
+    visits: int = 0
+    value: float = 0.0
+
+    @property
+    def mean(self) -> float:
+        return self.value / self.visits if self.visits else 0.0
+
+
+def ucb(child: Node, parent_visits: int, num_layers: int, config: SearchConfig) -> float:
+    """``mean_reward - lambda*len/D + c*sqrt(ln(N_parent+1)/n)`` for a visited child."""
+    return (
+        child.mean
+        - config.length_penalty * len(child.program) / num_layers
+        + config.exploration * math.sqrt(math.log(parent_visits + 1) / child.visits)
+    )
+
+
+def select_child(node: Node, rng: random.Random, num_layers: int, config: SearchConfig) -> Node:
+    """Epsilon-greedy over UCB: a random child with probability epsilon, else the best UCB."""
+    if rng.random() < config.epsilon:
+        return node.children[rng.randrange(len(node.children))]
+    best = node.children[0]
+    best_score = ucb(best, node.visits, num_layers, config)
+    for child in node.children[1:]:
+        score = ucb(child, node.visits, num_layers, config)
+        if score > best_score:
+            best, best_score = child, score
+    return best
+
+
+def may_grow(node: Node, config: SearchConfig) -> bool:
+    """Whether the node may get a new child now (progressive widening)."""
+    if not node.untried:
+        return False
+    if config.widening is None:
+        return True
+    return len(node.children) < max(1, math.ceil(node.visits**config.widening))
+
+
+def backpropagate(node: Node | None, reward: float) -> None:
+    while node is not None:
+        node.visits += 1
+        node.value += reward
+        node = node.parent
+
+
+def question_rng(seed: int, question_id: str) -> random.Random:
+    """The question's own RNG: depends only on (seed, question id), never on batch neighbours."""
+    return random.Random(f"polar-search:{seed}:{question_id}")
+
+
+@dataclass
+class SearchResult:
+    """Everything one question's search found."""
+
+    rewards: dict[Program, float]  # every evaluated program, in evaluation order
+    initial_score: float
+    simulations: int
+    free_steps: int
+
+    @property
+    def valid(self) -> list[list[int]]:
+        return sort_programs([p for p, r in self.rewards.items() if r > 0])
+
+    @property
+    def invalid(self) -> list[list[int]]:
+        return sort_programs([p for p, r in self.rewards.items() if r <= 0])
+
+
+def sort_programs(programs: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Shortest first, then lexicographic: a stable, reader-friendly order."""
+    return [list(p) for p in sorted((tuple(p) for p in programs), key=lambda p: (len(p), p))]
+
+
+def question_search(
+    question_id: str, num_layers: int, bounds: tuple[int, int], config: SearchConfig
+) -> Generator[list[int], float, SearchResult]:
+    """The search of one question as a state machine.
+
+    Yields a program to score, expects the reward via ``send``; returns the :class:`SearchResult`
+    (as ``StopIteration.value``). The root (full depth) is always the first program yielded.
+    """
+    rng = question_rng(config.seed, question_id)
+    root_program = tuple(full_program(num_layers))
+    initial = float((yield list(root_program)))
+    rewards: dict[Program, float] = {root_program: initial}
+    root = Node(root_program, initial)
+    backpropagate(root, initial)
+    simulations = free_steps = free_in_a_row = 0
+
+    while simulations < config.num_simulations and free_in_a_row < config.max_free_steps:
+        node = root
+        while True:
+            if node.untried is None:
+                node.untried = legal_children(node.program, node is root, bounds, config)
+            if may_grow(node, config) or not node.children:
+                break
+            node = select_child(node, rng, num_layers, config)
+        if not node.untried:  # dead end: nothing to expand here and nothing below
+            backpropagate(node, node.reward)
+            free_steps += 1
+            free_in_a_row += 1
+            continue
+        program = node.untried.pop(rng.randrange(len(node.untried)))
+        if program in rewards:
+            reward = rewards[program]
+            free_steps += 1
+            free_in_a_row += 1
+        else:
+            reward = float((yield list(program)))
+            rewards[program] = reward
+            simulations += 1
+            free_in_a_row = 0
+        child = Node(program, reward, parent=node)
+        node.children.append(child)
+        backpropagate(child, reward)
+    return SearchResult(rewards, initial, simulations, free_steps)
+
+
+# --------------------------------------------------------------------------- lockstep driver
+
+
+class Scorer(Protocol):
+    """Anything that scores parallel lists of questions and programs (``ProgramScorer`` does)."""
+
+    def score(self, questions: Sequence[Any], programs: Sequence[Sequence[int]]) -> Sequence[Any]: ...
+
+
+def search_many(
+    questions: Sequence[Any],
+    scorer: Scorer,
+    num_layers: int,
+    config: SearchConfig = SearchConfig(),
+    model_name: str | None = None,
+    max_active: int | None = None,
+    on_finished: Callable[[list[dict[str, Any]]], None] | None = None,
+    on_round: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Search every question; return one release-format sample per question, in input order.
+
+    Up to ``max_active`` questions (default: all) search at once; a finished question's slot is
+    refilled from the queue so batches stay full. Each round makes exactly one ``scorer.score``
+    call holding one pending program per active question. ``on_finished(samples)`` is called after
+    every round in which questions finished (the CLI saves progress there); ``on_round(finished,
+    programs)`` reports progress counts.
+    """
+    bounds = length_bounds(model_name, num_layers, config)
+    limit = len(questions) if max_active is None else max(1, max_active)
+    queue = iter(range(len(questions)))
+    results: list[dict[str, Any] | None] = [None] * len(questions)
+    active: dict[int, tuple[Generator, list[int], float]] = {}
+
+    def start_next() -> bool:
+        for index in queue:
+            gen = question_search(str(questions[index].id), num_layers, bounds, config)
+            active[index] = (gen, next(gen), time.perf_counter())
+            return True
+        return False
+
+    while len(active) < limit and start_next():
+        pass
+    while active:
+        indices = list(active)
+        outcomes = scorer.score([questions[i] for i in indices], [active[i][1] for i in indices])
+        finished: list[dict[str, Any]] = []
+        for index, outcome in zip(indices, outcomes):
+            gen, _, started = active[index]
+            try:
+                active[index] = (gen, gen.send(1.0 if outcome.correct else 0.0), started)
+            except StopIteration as stop:
+                del active[index]
+                seconds = time.perf_counter() - started
+                results[index] = make_sample(questions[index], stop.value, seconds, index)
+                finished.append(results[index])
+        while len(active) < limit and start_next():
+            pass
+        if on_round is not None:
+            on_round(len(finished), len(indices))
+        if finished and on_finished is not None:
+            on_finished(finished)
+    return [r for r in results if r is not None]
+
+
+def make_sample(question: Any, result: SearchResult, seconds: float, index: int | None = None) -> dict[str, Any]:
+    """A supervision sample in the release's format plus our search metadata."""
+    sample: dict[str, Any] = {
+        "id": str(question.id),
+        "question": question.question,
+        "gt_ans": question.answer,
+        "initial_score": result.initial_score,
+        "final_valid_transitions": result.valid,
+        "final_invalid_transitions": result.invalid,
+        "search": {
+            "simulations": result.simulations,
+            "programs_evaluated": len(result.rewards),
+            "free_steps": result.free_steps,
+            "seconds": round(seconds, 3),
+        },
+    }
+    for attr in ("source", "level"):
+        value = getattr(question, attr, None)
+        if value is not None:
+            sample[attr] = value
+    if index is not None:
+        sample["index"] = index
+    return sample
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summarize(samples: Sequence[dict[str, Any]], num_layers: int) -> dict[str, Any]:
+    """What a search found, in the terms of the paper's motivation (SPEC 5 / issue 4)."""
+    n = len(samples)
+    correct = [s for s in samples if s.get("initial_score", 0) > 0]
+    wrong = [s for s in samples if s.get("initial_score", 0) <= 0]
+    shortest = [min(len(p) for p in s["final_valid_transitions"]) for s in samples if s["final_valid_transitions"]]
+    evaluated = sum(s.get("search", {}).get("programs_evaluated", 0) for s in samples)
+    seconds = sum(s.get("search", {}).get("seconds", 0.0) for s in samples)
+
+    def share(k: int, total: int) -> float | None:
+        return round(k / total, 4) if total else None
+
+    return {
+        "questions": n,
+        "num_layers": num_layers,
+        "base_accuracy": share(len(correct), n),
+        "oracle_accuracy": share(sum(1 for s in samples if s["final_valid_transitions"]), n),
+        "correct_with_shorter_valid": share(
+            sum(1 for s in correct if any(len(p) < num_layers for p in s["final_valid_transitions"])), len(correct)
+        ),
+        "wrong_fixed": share(sum(1 for s in wrong if s["final_valid_transitions"]), len(wrong)),
+        "mean_shortest_valid_length": round(sum(shortest) / len(shortest), 3) if shortest else None,
+        "programs_evaluated": evaluated,
+        "question_seconds_total": round(seconds, 3),
+    }
+
+
+# --------------------------------------------------------------------------- runs on disk
+#
+# Layout of one search task (the release's layout plus our shard files):
+#   {out}/{model_dir}/{task}/merged_mcts_samples.json   all samples, release format
+#   {out}/{model_dir}/{task}/summary.json               what the search found
+#   {out}/{model_dir}/{task}/*.png                      program lengths, skipped/repeated layers
+#   {out}/{model_dir}/{task}/shards/shard-00000-of-00004.json
+# A shard file is rewritten atomically whenever questions finish, so a crash or Ctrl-C loses only
+# the questions in flight, and rerunning the same command resumes where it stopped.
+
+MERGED_NAME = "merged_mcts_samples.json"
+
+
+def model_dir_name(model_path: str) -> str:
+    """Directory name for a model under the output root.
+
+    Hub ids stay as they are (``meta-llama/Llama-3.2-3B-Instruct`` gives two levels, as in the
+    release). An existing local file (e.g. ``.../SmolLM2-135M-Instruct.Q4_1.gguf``) uses its file
+    name without the extension, and an existing local directory its last component, so outputs
+    never depend on where the user keeps their weights.
+    """
+    path = Path(model_path).expanduser()
+    if path.is_file():
+        return path.stem
+    if path.is_dir():
+        return path.resolve().name
+    return model_path.strip("/")
+
+
+def task_name(dataset: str, target_diff: int | None) -> str:
+    """``dart-math-diff-N`` for the DART-Math / MATH question pools (what training reads);
+    other datasets use their own name (plus ``-diff-N`` when a level is given)."""
+    if dataset in ("dart", "math"):
+        if target_diff is None:
+            raise ValueError(f"--target_diff is required for dataset {dataset!r}")
+        return f"dart-math-diff-{target_diff}"
+    return dataset if target_diff is None else f"{dataset}-diff-{target_diff}"
+
+
+def shard_path(task_dir: Path, shard: int, num_shards: int) -> Path:
+    return Path(task_dir) / "shards" / f"shard-{shard:05d}-of-{num_shards:05d}.json"
+
+
+def shard_of(index: int, num_shards: int) -> int:
+    """Question ``index`` goes to shard ``index % num_shards`` (round-robin keeps shards even)."""
+    return index % num_shards
+
+
+def load_shard(path: Path, resume_key: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved state of a shard, or None. A shard saved with other settings is an error: mixing
+    results of two configurations in one supervision file would be silently wrong."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err.msg}); delete it to start this shard over") from None
+    saved = state.get("resume_key")
+    if saved != json.loads(json.dumps(resume_key)):
+        diff = sorted(k for k in set(saved or {}) | set(resume_key) if (saved or {}).get(k) != resume_key.get(k))
+        raise DataError(
+            f"{path} was written with different settings ({', '.join(diff)}); use another --out "
+            "directory or delete the shard files to start over"
+        )
+    return state
+
+
+def run_shard(
+    questions: Sequence[Any],
+    scorer_factory: Callable[[], tuple[Scorer, int]],
+    task_dir: Path,
+    resume_key: dict[str, Any],
+    metadata: dict[str, Any],
+    config: SearchConfig,
+    model_name: str | None,
+    shard: int = 0,
+    num_shards: int = 1,
+    max_active: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Search this shard's questions, resuming from its file; return the shard's final state.
+
+    ``questions`` is the whole ordered question list; this shard takes indices ``k`` with
+    ``k % num_shards == shard``. ``scorer_factory`` returns ``(scorer, num_layers)`` and is only
+    called when there is work left (loading a model is the slow part of a resume).
+    ``progress(questions_finished, programs_scored)`` is called after each round.
+    """
+    path = shard_path(task_dir, shard, num_shards)
+    mine = [k for k in range(len(questions)) if shard_of(k, num_shards) == shard]
+    state = load_shard(path, resume_key) or {
+        "resume_key": resume_key,
+        "shard": shard,
+        "num_shards": num_shards,
+        "questions": len(mine),
+        "num_layers": None,
+        "wall_seconds": 0.0,
+        "complete": False,
+        "samples": [],
+    }
+    done = {s["index"] for s in state["samples"]}
+    todo = [k for k in mine if k not in done]
+    if not todo:
+        if not state["complete"]:
+            state["complete"] = True
+            write_json_atomic(path, state)
+        return state
+
+    scorer, num_layers = scorer_factory()
+    state["num_layers"] = num_layers
+    state["metadata"] = metadata
+    started = time.perf_counter()
+    wall_before = state["wall_seconds"]
+
+    def save(finished: list[dict[str, Any]]) -> None:
+        for sample in finished:
+            sample["index"] = todo[sample["index"]]  # local position -> global question index
+        state["samples"].extend(finished)
+        state["samples"].sort(key=lambda s: s["index"])
+        state["wall_seconds"] = round(wall_before + time.perf_counter() - started, 3)
+        state["complete"] = len(state["samples"]) == len(mine)
+        write_json_atomic(path, state)
+
+    search_many(
+        [questions[k] for k in todo], scorer, num_layers, config, model_name=model_name,
+        max_active=max_active, on_finished=save, on_round=progress,
+    )
+    return state
+
+
+def shard_files(task_dir: Path) -> dict[int, list[Path]]:
+    """Shard files present, grouped by the shard count they were written for."""
+    found: dict[int, list[Path]] = {}
+    for path in sorted((Path(task_dir) / "shards").glob("shard-*-of-*.json")):
+        try:
+            count = int(path.stem.rsplit("-of-", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        found.setdefault(count, []).append(path)
+    return found
+
+
+def merge_shards(task_dir: Path, num_shards: int | None = None, plots: bool = True) -> tuple[Path, dict[str, Any]] | None:
+    """Join complete shards into ``merged_mcts_samples.json`` + ``summary.json`` + plots.
+
+    Returns ``None`` (writing nothing) while some shard is missing or unfinished, so every shard
+    may call it when it ends and the last one to finish writes the merged file.
+    """
+    task_dir = Path(task_dir)
+    groups = shard_files(task_dir)
+    if num_shards is None:
+        if not groups:
+            raise DataError(f"{task_dir}: no shard files under shards/ to merge")
+        if len(groups) > 1:
+            raise DataError(f"{task_dir}: shard files for several shard counts {sorted(groups)}; pass the count")
+        num_shards = next(iter(groups))
+    states = []
+    for shard in range(num_shards):
+        path = shard_path(task_dir, shard, num_shards)
+        if not path.exists():
+            return None
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if not state.get("complete"):
+            return None
+        states.append(state)
+    keys = {json.dumps(s["resume_key"], sort_keys=True) for s in states}
+    if len(keys) > 1:
+        raise DataError(f"{task_dir}: shards were written with different settings; cannot merge")
+    samples = sorted((s for state in states for s in state["samples"]), key=lambda s: s["index"])
+    num_layers = next((s["num_layers"] for s in states if s.get("num_layers")), None)
+    if num_layers is None:  # every shard had zero questions
+        num_layers = max((max(p) + 1 for s in samples for p in s["final_valid_transitions"] + s["final_invalid_transitions"]), default=0)
+    metadata = next((s["metadata"] for s in states if s.get("metadata")), {})
+    metadata = {**metadata, "shards": num_shards}
+    merged = write_json_atomic(task_dir / MERGED_NAME, {"metadata": metadata, "samples": samples})
+
+    summary = summarize(samples, num_layers)
+    wall = sum(s.get("wall_seconds", 0.0) for s in states)
+    summary["shard_wall_seconds"] = round(wall, 3)
+    summary["programs_per_second"] = round(summary["programs_evaluated"] / wall, 3) if wall > 0 else None
+    write_json_atomic(task_dir / "summary.json", {"metadata": metadata, "summary": summary})
+    if plots and num_layers:
+        from polar.plots import plot_layer_heatmap, plot_program_lengths
+
+        shortest = [s["final_valid_transitions"][0] for s in samples if s["final_valid_transitions"]]
+        valid = [p for s in samples for p in s["final_valid_transitions"]]
+        plot_program_lengths(valid, num_layers, task_dir / "valid_program_lengths.png",
+                             title=f"Valid programs ({len(samples)} questions)")
+        plot_layer_heatmap(shortest, num_layers, task_dir / "layer_heatmap.png",
+                           title="Shortest valid program per question")
+    return merged, summary
