@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from polar.programs import Program, Segment, full_program, segments_from_starts, segments_to_path
+from polar.programs import KEEP, Program, Segment, full_program, segments_from_starts, segments_to_path
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,8 @@ def decode_programs(
             distinct.append(candidate)
     if not distinct:
         depth = seg_logits.shape[-1]
-        full = full_program(depth)
-        distinct.append(Candidate(full, float("-inf"), float("-inf"), (Segment(0, depth, 1),)))
+        keep_all = tuple(segments_from_starts([False] * depth, [KEEP] * depth))
+        distinct.append(Candidate(full_program(depth), float("-inf"), float("-inf"), keep_all))
     return distinct[: config.top_k_paths]
 
 
