@@ -68,15 +68,8 @@ def plot_layer_heatmap(
     """
     if len(programs) <= MAX_HEATMAP_ROWS:
         return _per_program_heatmap(programs, num_layers, path, title)
-    skipped = [0.0] * num_layers
-    repeated = [0.0] * num_layers
-    for program in programs:
-        s, r = count_changes(program, num_layers)
-        for layer in range(num_layers):
-            skipped[layer] += s[layer]
-            repeated[layer] += 1 if r[layer] else 0
+    grid = list(layer_change_shares(programs, num_layers))
     n = len(programs)
-    grid = [[x / n for x in skipped], [x / n for x in repeated]]
     fig, ax = plt.subplots(figsize=(max(6, num_layers * 0.25), 2.2))
     image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=max(1e-9, max(map(max, grid))))
     ax.set_yticks([0, 1], ["skipped share", "repeated share"])
@@ -84,6 +77,19 @@ def plot_layer_heatmap(
     ax.set_title(f"{title} ({n} programs)")
     fig.colorbar(image, ax=ax, fraction=0.03)
     return _save(fig, path)
+
+
+def layer_change_shares(programs: Sequence[Sequence[int]], num_layers: int) -> tuple[list[float], list[float]]:
+    """Per layer: the share of programs that skip it and the share that run it more than once."""
+    skipped = [0.0] * num_layers
+    repeated = [0.0] * num_layers
+    for program in programs:
+        s, r = count_changes(program, num_layers)
+        for layer in range(num_layers):
+            skipped[layer] += s[layer]
+            repeated[layer] += 1 if r[layer] else 0
+    n = max(1, len(programs))
+    return [x / n for x in skipped], [x / n for x in repeated]
 
 
 def _per_program_heatmap(
