@@ -1,0 +1,237 @@
+"""Supervision files: the programs search found for each question, as the predictor reads them.
+
+The format is the release's (a compatibility contract): ``merged_mcts_samples.json`` per model
+and difficulty, in one of three shapes (``{"samples": [...]}``, a list, or an object whose values
+are samples), with a few aliases for the question and answer fields. Files are validated once,
+here, and every problem is reported as one line naming the file, the sample and the field —
+training on a silently skipped or misread sample is worse than stopping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from polar.errors import DataError
+from polar.io import write_json_atomic
+from polar.programs import path_to_segments
+
+SUPERVISION_FILENAME = "merged_mcts_samples.json"
+DIFFICULTIES = (1, 2, 3, 4, 5)
+TRAIN_END, VAL_END = 1250, 1500  # reference split boundaries per difficulty
+
+_ANSWER_FIELDS = ("gt_ans", "ground_truth", "answer")
+
+
+class SupervisionError(DataError):
+    """A supervision file is malformed; the message names file, sample index and field."""
+
+
+@dataclass
+class Sample:
+    """One question of a supervision file with its valid / invalid programs.
+
+    ``index`` is the position in the file (the splits are positional); ``raw`` is the original
+    object, so tools that rewrite files keep fields this class does not know about.
+    """
+
+    index: int
+    id: str
+    question: str
+    answer: str
+    valid_paths: list[list[int]]
+    invalid_paths: list[list[int]] = field(default_factory=list)
+    initial_score: float | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SupervisionError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise SupervisionError(f"{path}: is a directory, expected a JSON file") from None
+    except UnicodeDecodeError as err:
+        raise SupervisionError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SupervisionError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+
+
+def _sample_objects(path: Path, data: Any) -> tuple[list[tuple[str | None, Any]], dict[str, Any]]:
+    """The three accepted shapes -> [(key or None, sample)], plus the file's metadata block."""
+    if isinstance(data, list):
+        return [(None, s) for s in data], {}
+    if isinstance(data, dict):
+        if "samples" in data:
+            if not isinstance(data["samples"], list):
+                raise SupervisionError(f"{path}: field 'samples' must be a list, got {type(data['samples']).__name__}")
+            metadata = data.get("metadata")
+            return [(None, s) for s in data["samples"]], metadata if isinstance(metadata, dict) else {}
+        return [(str(k), v) for k, v in data.items()], {}
+    raise SupervisionError(
+        f"{path}: expected an object with a 'samples' list, a list of samples, or an object of "
+        f"samples; got {type(data).__name__}"
+    )
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _paths(where: str, obj: dict[str, Any], name: str, required: bool) -> list[list[int]]:
+    if name not in obj or obj[name] is None:
+        if required:
+            raise SupervisionError(f"{where}: missing field '{name}' (a list of layer paths)")
+        return []
+    value = obj[name]
+    if not isinstance(value, list):
+        raise SupervisionError(f"{where}: {name} must be a list of paths, got {type(value).__name__}")
+    for k, path in enumerate(value):
+        if not isinstance(path, list) or not path or not all(_is_index(x) for x in path):
+            raise SupervisionError(f"{where}: {name}[{k}] must be a non-empty list of layer indices")
+    return [list(p) for p in value]
+
+
+def _text_field(where: str, obj: dict[str, Any], names: Sequence[str], label: str) -> str:
+    info = obj.get("sample_info") if isinstance(obj.get("sample_info"), dict) else {}
+    candidates = [(n, obj.get(n)) for n in names] + [(f"sample_info.{n}", info.get(n)) for n in names]
+    for name, value in candidates:
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise SupervisionError(f"{where}: {name} must be text, got {type(value).__name__}")
+        return str(value)
+    tried = ", ".join(n for n, _ in candidates)
+    raise SupervisionError(f"{where}: missing {label} (looked for {tried})")
+
+
+def _initial_score(where: str, obj: dict[str, Any]) -> float | None:
+    value = obj.get("initial_score")
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)):
+        raise SupervisionError(f"{where}: initial_score must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def parse_sample(path: Path | str, index: int, obj: Any, key: str | None = None) -> Sample:
+    """Validate one sample object; errors name ``path``, ``index`` and the field."""
+    where = f"{path}: sample {index}"
+    if not isinstance(obj, dict):
+        raise SupervisionError(f"{where}: must be an object, got {type(obj).__name__}")
+    question = _text_field(where, obj, ("question",), "question")
+    answer = _text_field(where, obj, _ANSWER_FIELDS, "answer")
+    info = obj.get("sample_info") if isinstance(obj.get("sample_info"), dict) else {}
+    sample_id = obj.get("id", obj.get("query_id", info.get("id", key if key is not None else index)))
+    return Sample(
+        index=index,
+        id=str(sample_id),
+        question=question,
+        answer=answer,
+        valid_paths=_paths(where, obj, "final_valid_transitions", required=True),
+        invalid_paths=_paths(where, obj, "final_invalid_transitions", required=False),
+        initial_score=_initial_score(where, obj),
+        raw=obj,
+    )
+
+
+def load_samples_with_metadata(path: str | os.PathLike) -> tuple[list[Sample], dict[str, Any]]:
+    """Samples of a supervision file plus its ``metadata`` block (empty when the file has none)."""
+    path = Path(path)
+    objects, metadata = _sample_objects(path, _read_json(path))
+    return [parse_sample(path, i, obj, key) for i, (key, obj) in enumerate(objects)], metadata
+
+
+def load_samples(path: str | os.PathLike) -> list[Sample]:
+    """All samples of a supervision file, validated (raises :class:`SupervisionError`)."""
+    return load_samples_with_metadata(path)[0]
+
+
+def metadata_num_layers(metadata: dict[str, Any]) -> int | None:
+    """Model depth recorded by our own outputs (``settings.num_layers``), if any."""
+    for block in (metadata.get("settings"), metadata):
+        if isinstance(block, dict) and _is_index(block.get("num_layers")) and block["num_layers"] > 0:
+            return int(block["num_layers"])
+    return None
+
+
+# --------------------------------------------------------------------------- layout and splits
+
+
+def supervision_path(data_root: str | os.PathLike, model_path: str, difficulty: int) -> Path:
+    """``{data_root}/{model_path}/dart-math-diff-{N}/merged_mcts_samples.json`` (release layout).
+
+    A model given as an absolute local path is placed under ``data_root`` as a relative one, so
+    the data never lands outside the root.
+    """
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
+    relative = str(model_path).lstrip("/\\")
+    return Path(data_root) / relative / f"dart-math-diff-{difficulty}" / SUPERVISION_FILENAME
+
+
+def split_samples(
+    samples: Sequence[Sample], num_samples: int = 500, no_validation: bool = False
+) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """Reference splits: train [0:1250], val [1250:1500], test [1500:1500+num_samples].
+
+    With ``no_validation`` train is [0:1500] and val is empty; test is unchanged.
+    """
+    if num_samples < 0:
+        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    samples = list(samples)
+    test = samples[VAL_END: VAL_END + num_samples]
+    if no_validation:
+        return samples[:VAL_END], [], test
+    return samples[:TRAIN_END], samples[TRAIN_END:VAL_END], test
+
+
+# --------------------------------------------------------------------------- summary and saving
+
+
+def _infer_num_layers(samples: Sequence[Sample]) -> int | None:
+    highest = max((max(p) for s in samples for p in s.valid_paths + s.invalid_paths), default=None)
+    return None if highest is None else highest + 1
+
+
+def summarize_samples(samples: Sequence[Sample], num_layers: int | None = None) -> dict[str, Any]:
+    """What a supervision file holds, for ``polar validate`` and training logs.
+
+    Paths are parsed into the segmentation form with the known depth ``num_layers`` (or, when it
+    is unknown, the highest layer index seen + 1, and then no length ratio is reported): paths
+    with no exact parse are dropped by training, so their count matters.
+    """
+    depth = num_layers or _infer_num_layers(samples)
+    valid = [p for s in samples for p in s.valid_paths]
+    scores = [s.initial_score for s in samples if s.initial_score is not None]
+    unparseable = sum(1 for p in valid if depth is None or path_to_segments(p, depth) is None)
+    mean_len = sum(map(len, valid)) / len(valid) if valid else None
+    return {
+        "samples": len(samples),
+        "valid_paths": len(valid),
+        "invalid_paths": sum(len(s.invalid_paths) for s in samples),
+        "samples_without_valid_path": sum(1 for s in samples if not s.valid_paths),
+        "unparseable_valid_paths": unparseable,
+        "num_layers": depth,
+        "num_layers_known": num_layers is not None,
+        "mean_valid_path_length": mean_len,
+        "mean_valid_length_ratio": (mean_len / num_layers) if (mean_len is not None and num_layers) else None,
+        "samples_with_initial_score": len(scores),
+        "base_accuracy": (sum(scores) / len(scores)) if scores else None,
+    }
+
+
+def save_samples(path: str | os.PathLike, samples: Sequence[dict[str, Any] | Sample], metadata: dict[str, Any]) -> Path:
+    """Write ``{"metadata": ..., "samples": [...]}`` atomically (the release's first shape)."""
+    rows = [s.raw if isinstance(s, Sample) else s for s in samples]
+    return write_json_atomic(path, {"metadata": metadata, "samples": rows})
