@@ -90,30 +90,27 @@ class ProgramScorer:
         if not questions:
             return []
         prompts = [self._prompt(q) for q in questions]
-        # Identical pairs (same prompt, same program) are run once: evaluation often asks for the
-        # same program twice, and greedy decoding makes the second run redundant.
-        unique: dict[tuple[str, tuple[int, ...]], int] = {}
+        # Identical pairs (same prompt, gold and program) are run once: evaluation often asks for
+        # the same program twice, and greedy decoding makes the second run redundant.
+        unique: dict[tuple[str, str, tuple[int, ...]], int] = {}
         slot_of: list[int] = []
-        for (text, _), program in zip(prompts, programs):
-            key = (text, tuple(program))
+        for q, (text, _), program in zip(questions, prompts, programs):
+            key = (text, str(q.answer), tuple(program))
             slot_of.append(unique.setdefault(key, len(unique)))
         keys = list(unique)
         lengths = {text: n for text, n in prompts}
         order = sorted(range(len(keys)), key=lambda k: (lengths[keys[k][0]], k))
-        gold_of = {}
-        for q, (text, _) in zip(questions, prompts):
-            gold_of.setdefault(text, q.answer)
 
         results: list[Outcome | None] = [None] * len(keys)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             gens = self.runner.generate(
                 [keys[k][0] for k in chunk],
-                [list(keys[k][1]) for k in chunk],
+                [list(keys[k][2]) for k in chunk],
                 max_new_tokens=self.max_new_tokens,
             )
             self.generate_calls += 1
-            outcomes = self._judge(gens, [gold_of[keys[k][0]] for k in chunk])
+            outcomes = self._judge(gens, [keys[k][1] for k in chunk])
             for k, outcome in zip(chunk, outcomes):
                 results[k] = outcome
         self.pairs_scored += len(keys)
