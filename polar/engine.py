@@ -161,6 +161,9 @@ class ProgramRunner:
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._sliding = self._sliding_layers()
         self._stop_ids = self._find_stop_ids()
+        # Optional accelerated decoder for this device (static caches + CUDA graphs); it takes
+        # over `_generate_chunk` and must give the same tokens. See polar/cuda_engine.py.
+        self.fast_path: Any = None
         if getattr(self.config, "model_type", None) not in TESTED_MODEL_TYPES:
             self.check_against_hf()  # an untested architecture must prove itself before use
 
@@ -179,7 +182,21 @@ class ProgramRunner:
         from polar.loading import load_causal_lm
 
         loaded = load_causal_lm(name_or_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
-        return cls(loaded.model, loaded.tokenizer, source=loaded.source)
+        runner = cls(loaded.model, loaded.tokenizer, source=loaded.source)
+        if runner.device.type == "cuda":
+            runner.enable_fast_path()
+        return runner
+
+    def enable_fast_path(self) -> bool:
+        """Use the CUDA-graph decoder when the device and architecture allow it."""
+        try:
+            from polar.cuda_engine import CudaGraphDecoder
+        except ImportError:
+            return False
+        if not CudaGraphDecoder.supports(self):
+            return False
+        self.fast_path = CudaGraphDecoder(self)
+        return True
 
     @property
     def num_layers(self) -> int:
@@ -367,12 +384,15 @@ class ProgramRunner:
         programs: Sequence[Sequence[int]] | None = None,
         max_new_tokens: int = 50,
         batch_size: int | None = None,
+        stop_token_ids: set[int] | None = None,
     ) -> list[Generation]:
         """Greedy continuation of each prompt under its program (default: full depth).
 
         Prompts are processed in chunks of ``batch_size`` (default ``max_batch_size``); inside a
-        chunk all programs run in one heterogeneous batch. Sequences stop at a stop token.
+        chunk all programs run in one heterogeneous batch. Sequences stop at a stop token
+        (``stop_token_ids``, default :attr:`stop_token_ids`; an empty set never stops early).
         """
+        stops = self._stop_ids if stop_token_ids is None else set(stop_token_ids)
         token_lists = self.encode(prompts)
         if programs is None:
             programs = [full_program(self.num_layers)] * len(token_lists)
@@ -381,7 +401,7 @@ class ProgramRunner:
         results: list[Generation] = []
         for start in range(0, len(token_lists), size):
             chunk = token_lists[start:start + size]
-            new_tokens, stopped = self._generate_chunk(chunk, programs[start:start + size], max_new_tokens)
+            new_tokens, stopped = self._generate_chunk(chunk, programs[start:start + size], max_new_tokens, stops)
             for toks, stop, program in zip(new_tokens, stopped, programs[start:start + size]):
                 text = self.tokenizer.decode(toks, skip_special_tokens=True) if self.tokenizer is not None else ""
                 results.append(Generation(toks, text, len(program), stop, list(program)))
@@ -389,8 +409,10 @@ class ProgramRunner:
 
     @torch.inference_mode()
     def _generate_chunk(
-        self, token_lists: list[list[int]], programs: list[list[int]], max_new_tokens: int
+        self, token_lists: list[list[int]], programs: list[list[int]], max_new_tokens: int, stops: set[int]
     ) -> tuple[list[list[int]], list[bool]]:
+        if self.fast_path is not None:
+            return self.fast_path.generate_chunk(token_lists, programs, max_new_tokens, stops)
         batch = len(token_lists)
         outputs: list[list[int]] = [[] for _ in range(batch)]
         stopped = [False] * batch
@@ -401,7 +423,7 @@ class ProgramRunner:
         cache = StepCache(len(steps), ids.shape[1] + max_new_tokens)
         positions = self._positions(key_valid)
         origin = torch.arange(batch, device=self.device)  # batch row -> original index
-        stop_ids = torch.tensor(sorted(self._stop_ids) or [-1], device=self.device)
+        stop_ids = torch.tensor(sorted(stops) or [-1], device=self.device)
 
         hidden = self._backbone.embed_tokens(ids)
         masks = self._attention_masks(key_valid, ids.shape[1])

