@@ -172,7 +172,7 @@ class SelfEncoder:
         self.runner = runner
         self.max_length = max_length
         self.dim = int(runner.model.config.hidden_size)
-        self.model_name = str(getattr(runner, "name", getattr(runner.model.config, "_name_or_path", "")))
+        self.model_name = str(getattr(runner, "model_name", "") or getattr(runner.model.config, "_name_or_path", ""))
 
     def cache_key(self) -> str:
         return f"self:{self.model_name}:layer={self.layer}:max_length={self.max_length}"

@@ -1,0 +1,371 @@
+"""``run_polar.py``: the release's command line (same flags, same defaults), and the driver
+behind ``polar train`` / ``polar eval``.
+
+The flow per run: read the supervision files of the chosen difficulties, split them (train
+[0:1250], validation [1250:1500], test [1500:1500+num_samples]), train a predictor unless a
+checkpoint with the expected name already exists (the release's behaviour; we say so), then
+evaluate it on the test questions and write ``eval_*.json`` plus plots. Everything here is glue:
+the work happens in :mod:`polar.train`, :mod:`polar.decode` and :mod:`polar.evaluate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from dataclasses import asdict, fields
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from polar.errors import CheckpointError, DataError
+
+DIFFICULTIES = (1, 2, 3, 4, 5)
+DEFAULT_MODEL = "meta-llama/Llama-3.2-3B-Instruct"
+DEFAULT_ENCODER = "Qwen/Qwen3-Embedding-0.6B"
+
+
+# --------------------------------------------------------------------------- flags
+
+
+def add_release_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every flag of SPEC-FLAGS.md (release names and defaults) plus our extras."""
+    add = parser.add_argument
+    add("--model_path", default=DEFAULT_MODEL, help="base LLM: hub id, local directory or .gguf file")
+    add("--data_root", default=os.environ.get("DART_MATH_RESULTS_ROOT", "./data"),
+        help="root of {model_path}/dart-math-diff-N/merged_mcts_samples.json")
+    add("--save_dir", default=os.environ.get("OUTPUT_DIR", "outputs"), help="checkpoints and eval JSON")
+    add("--hf_cache_dir", default=os.environ.get("HF_HOME"), help="Hugging Face model cache")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--target_diff", type=int, choices=DIFFICULTIES, help="one difficulty level (1-5)")
+    which.add_argument("--eval_all_diffs", action="store_true", help="all five difficulty levels")
+    add("--eval", action="store_true", help="skip training, evaluate only")
+    add("--checkpoint_path", default=None, help="explicit checkpoint for evaluation")
+    add("--policy_mode", choices=("polar", "polar_lenpref"), default="polar")
+    add("--num_epochs", type=int, default=20)
+    add("--batch_size", type=int, default=16)
+    add("--learning_rate", type=float, default=1e-4)
+    add("--seed", type=int, default=42)
+    add("--no_validation", action="store_true", help="train on [0:1500], no validation split")
+    add("--max_paths_per_sample", type=int, default=50, help="valid paths kept per question (random subset)")
+    add("--max_total_examples", type=int, default=None)
+    add("--max_val_examples", type=int, default=20000)
+    add("--polar_d_model", type=int, default=256)
+    add("--polar_heads", type=int, default=4)
+    add("--polar_layers", type=int, default=2)
+    add("--lenpref_beta", type=float, default=0.05)
+    add("--drop_original_path_if_shorter_valid", action="store_true")
+    add("--keep_original_prob", type=float, default=0.0)
+    add("--reweight_original_path_if_shorter_valid", action="store_true")
+    add("--original_path_weight", type=float, default=1.0)
+    add("--anti_original_lambda", type=float, default=0.0)
+    add("--per_sample_weight_normalize", action="store_true")
+    add("--max_new_tokens", type=int, default=50)
+    add("--num_samples", type=int, default=500, help="test questions per difficulty")
+    add("--trust_valid_cache", dest="trust_valid_cache", action="store_true", default=True)
+    add("--no_trust_valid_cache", dest="trust_valid_cache", action="store_false")
+    add("--seg_threshold", type=float, default=0.5)
+    add("--beam_size", type=int, default=5)
+    add("--top_k_ops", type=int, default=2)
+    add("--top_k_paths", type=int, default=5)
+    add("--len_penalty", type=float, default=0.0)
+    add("--eval_cache_breakdown", action="store_true", help="only changes the output name (as in the release)")
+    add("--use_wandb", action="store_true")
+    add("--wandb_project", default="mcts_reward_predictor")
+    add("--wandb_run_name", default=None)
+    add("--wandb_entity", default=None)
+    add("--wandb_dir", default=None)
+    add("--delete_checkpoint_after_eval", action="store_true")
+    add("--run_tag", default=None, help="added to output names")
+    add("--lr_scheduler", choices=("none", "linear", "cosine"), default="none")
+    add("--warmup_steps", type=int, default=0)
+    add("--nan_guard", action="store_true")
+    add("--nan_lr_backoff", type=float, default=0.0)
+    add("--min_lr", type=float, default=0.0)
+    add("--grad_clip_norm", type=float, default=0.0)
+    add("--use_amp", action="store_true")
+    add("--optimizer_eps", type=float, default=1e-8)
+    add("--weight_decay", type=float, default=0.0)
+    extras = parser.add_argument_group("polar extras")
+    extras.add_argument("--encoder", default=DEFAULT_ENCODER,
+                        help="question encoder: hub id or local dir, 'self' (the base LLM's states), "
+                             "'minilm' (bundled all-MiniLM-L6-v2) or 'hash' (toy, for tests)")
+    extras.add_argument("--encoder_layer", type=int, default=None,
+                        help="for --encoder self: layers run before taking states (default D/2)")
+    extras.add_argument("--feature_cache_dir", default=None, help="default: {save_dir}/cache/features")
+    extras.add_argument("--prompt_style", default=None,
+                        help="plain, chat, chat_nothink (default: the checkpoint's, else per model)")
+    extras.add_argument("--answer_mode", choices=("boxed", "lenient"), default="boxed")
+    extras.add_argument("--fewshot", type=int, default=0)
+    extras.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    extras.add_argument("--dtype", default=None, help="base model dtype (default: bf16 on GPU, fp32 on CPU)")
+    extras.add_argument("--eval_batch_size", type=int, default=64, help="sequences per engine call")
+    extras.add_argument("--tensorboard_dir", default=None)
+    extras.add_argument("--no_progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_polar.py",
+        description="Train the PoLar predictor on search output and evaluate it (release-compatible flags).",
+    )
+    add_release_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from polar.cli import run_command
+
+    args = build_parser().parse_args(argv)
+    return run_command(run_release, args)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+class Job:
+    """One invocation's resolved settings, with the base model loaded only when needed."""
+
+    def __init__(self, args: argparse.Namespace, log=print) -> None:
+        self.args = args
+        self.log = log
+        self.diffs = list(DIFFICULTIES) if args.eval_all_diffs else [args.target_diff]
+
+    # ---- names
+
+    @property
+    def model_dir(self) -> str:
+        from polar.search import model_dir_name
+
+        return model_dir_name(self.args.model_path)
+
+    def output_stem(self) -> str:
+        a = self.args
+        diff = "all" if a.eval_all_diffs else str(a.target_diff)
+        tag = f"_{a.run_tag}" if a.run_tag else ""
+        return f"polar_{a.policy_mode}_diff{diff}_seed{a.seed}{tag}"
+
+    def checkpoint_path(self) -> Path:
+        if self.args.checkpoint_path:
+            return Path(self.args.checkpoint_path)
+        return Path(self.args.save_dir) / "checkpoints" / self.model_dir / f"{self.output_stem()}.safetensors"
+
+    def eval_path(self) -> Path:
+        suffix = "_cache_breakdown" if self.args.eval_cache_breakdown else ""
+        return Path(self.args.save_dir) / "eval" / self.model_dir / f"eval_{self.output_stem()}{suffix}.json"
+
+    @property
+    def feature_cache(self) -> Path:
+        return Path(self.args.feature_cache_dir or Path(self.args.save_dir) / "cache" / "features")
+
+    # ---- data and model
+
+    @cached_property
+    def splits(self) -> dict[int, tuple[list, list, list]]:
+        from polar.data import load_samples, split_samples, supervision_path
+
+        out = {}
+        for diff in self.diffs:
+            path = supervision_path(self.args.data_root, self.args.model_path, diff)
+            samples = load_samples(path)
+            out[diff] = split_samples(samples, num_samples=self.args.num_samples, no_validation=self.args.no_validation)
+            train, val, test = out[diff]
+            self.log(f"difficulty {diff}: {len(samples)} samples in {path} -> "
+                     f"train {len(train)}, validation {len(val)}, test {len(test)}")
+        return out
+
+    @cached_property
+    def runner(self):
+        from polar.engine import ProgramRunner
+
+        self.log(f"loading {self.args.model_path} ...")
+        return ProgramRunner.from_pretrained(
+            self.args.model_path, device=self.args.device, dtype=self.args.dtype, cache_dir=self.args.hf_cache_dir
+        )
+
+    @cached_property
+    def model_config(self):
+        """The base model's config when readable without loading weights or the network."""
+        if "runner" in self.__dict__:
+            return self.runner.model.config
+        if not str(self.args.model_path).endswith(".gguf"):
+            try:
+                from transformers import AutoConfig
+
+                return AutoConfig.from_pretrained(
+                    self.args.model_path, cache_dir=self.args.hf_cache_dir, local_files_only=True
+                )
+            except Exception:  # not cached locally: the runner will load (or explain) it
+                pass
+        return self.runner.model.config
+
+    @property
+    def num_layers(self) -> int:
+        """Depth D; training needs only this, so read it from the config when possible."""
+        config = getattr(self.model_config, "text_config", None) or self.model_config
+        return int(config.num_hidden_layers)
+
+    def prompt_style(self, checkpoint_meta: dict | None = None) -> str:
+        if self.args.prompt_style:
+            return self.args.prompt_style
+        if checkpoint_meta and checkpoint_meta.get("prompt_style"):
+            return checkpoint_meta["prompt_style"]
+        from polar.prompts import default_prompt_style
+
+        model_type = getattr(self.model_config, "model_type", None)
+        named = default_prompt_style(self.args.model_path, model_type, tokenizer=None)
+        if "runner" not in self.__dict__ and named == "plain" and model_type != "llama" \
+                and "llama" not in str(self.args.model_path).lower():
+            return default_prompt_style(self.args.model_path, model_type, self.runner.tokenizer)
+        tokenizer = self.runner.tokenizer if "runner" in self.__dict__ else None
+        return default_prompt_style(self.args.model_path, model_type, tokenizer) if tokenizer else named
+
+    def encode(self, encoder_spec, texts: list[str]):
+        from polar.encoders import build_encoder, encode_cached
+
+        runner = self.runner if encoder_spec.name == "self" else None
+        encoder = build_encoder(encoder_spec, runner=runner, device=self.args.device, cache_dir=self.args.hf_cache_dir)
+        return encoder, encode_cached(encoder, texts, self.feature_cache)
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """TrainConfig fields have the flags' names; copy the ones present."""
+    from polar.train import TrainConfig
+
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    values["progress"] = not getattr(args, "no_progress", False)
+    return TrainConfig(**values)
+
+
+def decode_config_from_args(args: argparse.Namespace):
+    from polar.decode import DecodeConfig
+
+    return DecodeConfig(args.seg_threshold, args.beam_size, args.top_k_ops, args.top_k_paths, args.len_penalty)
+
+
+def train_job(job: Job) -> Path:
+    """Train unless the expected checkpoint exists; return the checkpoint path."""
+    from polar.encoders import EncoderSpec
+    from polar.io import run_metadata
+    from polar.predictor import checkpoint_files
+    from polar.train import TrainingSet, build_examples, cap_examples, train_predictor
+
+    args, log = job.args, job.log
+    path = job.checkpoint_path()
+    if all(p.exists() for p in checkpoint_files(path)):
+        log(f"checkpoint {path} already exists: skipping training "
+            "(delete it or pass a different --run_tag to retrain)")
+        return path
+    config = train_config_from_args(args)
+    train_samples = [s for diff in job.diffs for s in job.splits[diff][0]]
+    val_samples = [] if args.no_validation else [s for diff in job.diffs for s in job.splits[diff][1]]
+    if not train_samples:
+        raise DataError("no training questions in the supervision files of the chosen difficulties")
+    rng = random.Random(args.seed)
+    num_layers = job.num_layers
+    train_examples, train_stats = build_examples(train_samples, num_layers, config, rng)
+    train_examples = cap_examples(train_examples, args.max_total_examples, rng)
+    val_examples, val_stats = build_examples(val_samples, num_layers, config, rng)
+    val_examples = cap_examples(val_examples, args.max_val_examples, rng)
+    log(f"train: {train_stats.summary()}")
+    if val_samples:
+        log(f"validation: {val_stats.summary()}")
+    spec = EncoderSpec(name=args.encoder, layer=args.encoder_layer)
+    encoder, train_features = job.encode(spec, [s.question for s in train_samples])
+    _, val_features = job.encode(spec, [s.question for s in val_samples]) if val_samples else (None, [])
+    if spec.name == "self":
+        spec = EncoderSpec(name="self", layer=encoder.layer, max_length=spec.max_length)
+    prompt_style = job.prompt_style()
+    meta = {
+        "model_path": args.model_path,
+        "prompt_style": prompt_style,
+        "answer_mode": args.answer_mode,
+        "fewshot": args.fewshot,
+        "max_new_tokens": args.max_new_tokens,
+        "difficulties": job.diffs,
+        "example_stats": {"train": asdict(train_stats), "validation": asdict(val_stats)},
+        **run_metadata(model=args.model_path, encoder=spec.to_dict(), prompt_style=prompt_style, seed=args.seed),
+    }
+    result = train_predictor(
+        TrainingSet(train_features, train_examples, train_stats),
+        TrainingSet(val_features, val_examples, val_stats) if val_examples else None,
+        config.predictor_config(num_layers, encoder.dim), config, path, spec, meta, log=log,
+    )
+    best = f" (best epoch {result.best_epoch}, val_loss {result.best_val_loss:.4f})" if result.best_val_loss is not None else ""
+    log(f"saved predictor checkpoint {path}{best}")
+    return path
+
+
+def eval_job(job: Job, checkpoint: Path | None = None) -> Path:
+    """Evaluate a checkpoint on the test split(s); write the report; return its path."""
+    from polar.evaluate import EvalConfig, format_metrics, run_evaluation, write_report
+    from polar.predictor import checkpoint_files, load_checkpoint
+    from polar.scoring import ProgramScorer
+
+    args, log = job.args, job.log
+    path = Path(checkpoint or job.checkpoint_path())
+    if not all(p.exists() for p in checkpoint_files(path)):
+        raise CheckpointError(f"no predictor checkpoint at {path}: train first (drop --eval) or pass --checkpoint_path")
+    runner = job.runner
+    ckpt = load_checkpoint(path, num_layers=runner.num_layers, device=args.device or "cpu")
+    samples, diffs = [], []
+    for diff in job.diffs:
+        test = job.splits[diff][2]
+        samples.extend(test)
+        diffs.extend([diff] * len(test))
+    if not samples:
+        raise DataError("no test questions: the test split is samples [1500:1500+num_samples] of each file")
+    _, features = job.encode(ckpt.encoder, [s.question for s in samples])
+    prompt_style = job.prompt_style(ckpt.meta)
+    scorer = ProgramScorer(runner, prompt_style=prompt_style, answer_mode=args.answer_mode,
+                           max_new_tokens=args.max_new_tokens, fewshot=args.fewshot, batch_size=args.eval_batch_size)
+    decode = decode_config_from_args(args)
+    report = run_evaluation(ckpt.model, samples, features, diffs, scorer, runner.num_layers,
+                            EvalConfig(decode, args.trust_valid_cache))
+    settings = {
+        **scorer.settings(),
+        "model": args.model_path,
+        "checkpoint": str(path),
+        "encoder": ckpt.encoder.to_dict(),
+        "seed": args.seed,
+        "difficulties": job.diffs,
+        "num_samples": args.num_samples,
+        "trust_valid_cache": args.trust_valid_cache,
+        "decode": asdict(decode),
+        "training": ckpt.meta.get("training"),
+        "checkpoint_prompt_style": ckpt.meta.get("prompt_style"),
+    }
+    out = write_report(report, job.eval_path(), runner.num_layers, settings, log=log)
+    log(format_metrics(report["metrics"]))
+    log(f"wrote {out}")
+    if args.delete_checkpoint_after_eval:
+        for file in checkpoint_files(path):
+            file.unlink(missing_ok=True)
+        log(f"deleted checkpoint {path}")
+    return out
+
+
+def run_release(args: argparse.Namespace) -> int:
+    """``run_polar.py``: train (unless --eval) and evaluate."""
+    job = Job(args, log=_log)
+    checkpoint = None if args.eval else train_job(job)
+    eval_job(job, checkpoint)
+    return 0
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """``polar train``: training only."""
+    train_job(Job(args, log=_log))
+    return 0
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    """``polar eval``: evaluation only."""
+    eval_job(Job(args, log=_log))
+    return 0
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+    sys.stdout.flush()

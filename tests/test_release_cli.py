@@ -1,0 +1,142 @@
+"""run_polar.py end to end on a tiny random-weight Llama saved with a tokenizer in a tmp dir."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from polar.release_cli import build_parser, main
+
+from conftest import tiny_model
+
+WORDS = ("solve the following math problem and output only final answer directly formatted strictly as "
+         "boxed problem start end what is of plus minus times x y").split()
+
+
+def save_tiny_llama(directory) -> None:
+    """A 6-layer random Llama plus a word-level tokenizer (fits the 97-token vocabulary)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *list("0123456789{}\\#:.?+-=$"), *WORDS])}
+    assert len(vocab) <= 97
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", pad_token="</s>")
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = 2
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def write_supervision(root, model_path: str, n: int = 1504) -> None:
+    """Keyword questions: 'plus' questions skip layer 2, others loop layer 4."""
+    rng = random.Random(0)
+    samples = []
+    for i in range(n):
+        kind = rng.choice(["plus", "minus"])
+        valid = [[0, 1, 3, 4, 5]] if kind == "plus" else [[0, 1, 2, 3, 4, 4, 5], [0, 1, 2, 3, 4, 5]]
+        samples.append({
+            "question": f"what is {i} {kind} {rng.randrange(9)}",
+            "gt_ans": str(i),
+            "initial_score": float(kind == "minus"),
+            "final_valid_transitions": valid + ([[5, 4, 3]] if i % 10 == 0 else []),  # unparseable
+            "final_invalid_transitions": [[0, 1, 2]],
+        })
+    from polar.data import supervision_path
+
+    path = supervision_path(root, model_path, 1)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"samples": samples}))
+
+
+def test_flags_and_defaults_match_the_release():
+    args = build_parser().parse_args(["--target_diff", "1"])
+    assert args.model_path == "meta-llama/Llama-3.2-3B-Instruct"
+    assert (args.num_epochs, args.batch_size, args.learning_rate, args.seed) == (20, 16, 1e-4, 42)
+    assert (args.max_paths_per_sample, args.max_val_examples, args.num_samples) == (50, 20000, 500)
+    assert (args.polar_d_model, args.polar_heads, args.polar_layers, args.lenpref_beta) == (256, 4, 2, 0.05)
+    assert (args.beam_size, args.top_k_ops, args.top_k_paths, args.seg_threshold) == (5, 2, 5, 0.5)
+    assert args.trust_valid_cache and not build_parser().parse_args(
+        ["--target_diff", "1", "--no_trust_valid_cache"]).trust_valid_cache
+    assert (args.lr_scheduler, args.optimizer_eps, args.wandb_project) == ("none", 1e-8, "mcts_reward_predictor")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([])  # one of --target_diff / --eval_all_diffs is required
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--target_diff", "1", "--eval_all_diffs"])
+
+
+def test_eval_without_checkpoint_is_one_line_error(tmp_path, capsys):
+    code = main(["--target_diff", "1", "--eval", "--checkpoint_path", str(tmp_path / "nope.safetensors"),
+                 "--model_path", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "nope" in err and len(err.splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    pytest.importorskip("polar.data", reason="polar.data (supervision loading) not available yet")
+    pytest.importorskip("polar.engine", reason="polar.engine not available yet")
+    root = tmp_path_factory.mktemp("release")
+    model_dir = root / "tiny-llama"
+    save_tiny_llama(model_dir)
+    data = root / "data"
+    write_supervision(data, str(model_dir))
+    return root, model_dir, data
+
+
+def run(tiny_setup, *extra):
+    root, model_dir, data = tiny_setup
+    return main([
+        "--target_diff", "1", "--model_path", str(model_dir), "--data_root", str(data),
+        "--save_dir", str(root / "out"), "--encoder", "hash", "--num_epochs", "2", "--batch_size", "128",
+        "--learning_rate", "5e-4", "--per_sample_weight_normalize", "--reweight_original_path_if_shorter_valid",
+        "--original_path_weight", "0.30", "--lr_scheduler", "cosine", "--warmup_steps", "10",
+        "--polar_d_model", "32", "--num_samples", "4", "--top_k_paths", "3", "--max_new_tokens", "4",
+        "--device", "cpu", "--no_progress", *extra,
+    ])
+
+
+def test_end_to_end_train_then_eval_then_skip(tiny_setup, capsys):
+    root, _, _ = tiny_setup
+    assert run(tiny_setup) == 0
+    out = capsys.readouterr().out
+    assert "train 1250, validation 250, test 4" in out and "no segment parse" in out
+    ckpts = list((root / "out" / "checkpoints").rglob("*.safetensors"))
+    assert [c.name for c in ckpts] == ["polar_polar_diff1_seed42.safetensors"]
+    manifest = json.loads(ckpts[0].with_suffix(".json").read_text())
+    assert manifest["num_layers"] == 6 and manifest["encoder"]["name"] == "hash"
+    assert manifest["training"]["original_path_weight"] == 0.3 and manifest["prompt_style"] == "plain"
+    (report_path,) = (root / "out" / "eval").rglob("eval_*.json")
+    report = json.loads(report_path.read_text())
+    overall = report["metrics"]["overall"]
+    for key in ("pass_at_k", "pass_at_1", "vote_at_k", "baseline_accuracy", "mean_layers_top1",
+                "layer_ratio_top1", "cache_hit_rate", "seconds_per_question"):
+        assert key in overall
+    assert overall["num_questions"] == 4 and set(report["metrics"]["per_difficulty"]) == {"1"}
+    assert report["settings"]["max_new_tokens"] == 4 and report["settings"]["encoder"]["name"] == "hash"
+    assert len(report["per_question"]) == 4 and len(report["per_question"][0]["programs"]) <= 3
+    assert list((root / "out" / "eval").rglob("*_layer_heatmap.png"))
+    # second run: the checkpoint exists, training is skipped and it says so
+    assert run(tiny_setup) == 0
+    assert "already exists: skipping training" in capsys.readouterr().out
+
+
+def test_polar_eval_subcommand_and_depth_mismatch(tiny_setup, tmp_path, capsys):
+    from polar.cli import main as polar_main
+    from polar.encoders import EncoderSpec
+    from polar.predictor import PolarPredictor, PredictorConfig, save_checkpoint
+
+    root, model_dir, data = tiny_setup
+    wrong = tmp_path / "deep"
+    save_checkpoint(wrong, PolarPredictor(PredictorConfig(num_layers=30, encoder_dim=64, d_model=32)),
+                    EncoderSpec("hash"), {})
+    code = polar_main(["eval", "--target_diff", "1", "--model_path", str(model_dir), "--data_root", str(data),
+                       "--checkpoint_path", str(wrong), "--num_samples", "2", "--device", "cpu"])
+    assert code == 2 and "30 layers" in capsys.readouterr().err
