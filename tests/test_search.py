@@ -430,3 +430,109 @@ def test_shard_flag_and_torchrun_environment():
     for bad in ("8/8", "x", "1/0"):
         with pytest.raises(ValueError):
             parse_shard(bad, {})
+
+
+# --------------------------------------------------------------------------- CLI, tiny real model
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A 6-layer random-weight Llama with a byte-level tokenizer, saved like a hub checkout."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        eos_token_id=vocab["<eos>"], pad_token_id=vocab["<eos>"], bos_token_id=None,
+    )
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _cli(*argv) -> int:
+    from polar.cli import main
+
+    return main(["search", *map(str, argv)])
+
+
+def _search_args(model, out, *extra):
+    return ("--model_path", model, "--dataset", "math", "--target_diff", 1, "--limit", 3,
+            "--num_simulations", 3, "--max_new_tokens", 3, "--prompt_style", "plain", "--device", "cpu",
+            "--no_progress", "--out", out, *extra)
+
+
+def test_cli_search_writes_release_format_and_resumes(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    assert _cli(*_search_args(tiny_model_dir, out)) == 0
+    task = out / "tiny-llama" / "dart-math-diff-1"
+    merged = json.loads((task / MERGED_NAME).read_text())
+    settings = merged["metadata"]["settings"]
+    assert (settings["model_path"], settings["max_new_tokens"], settings["prompt_style"]) == (
+        str(tiny_model_dir), 3, "plain")
+    assert settings["search"]["num_simulations"] == 3 and settings["num_layers"] == 6
+    assert "program_semantics" in merged["metadata"] and "versions" in merged["metadata"]
+    assert len(merged["samples"]) == 3
+    for sample in merged["samples"]:
+        assert sample["question"] and sample["gt_ans"]
+        assert sample["initial_score"] in (0.0, 1.0)
+        assert sample["search"]["programs_evaluated"] == 4
+        programs = sample["final_valid_transitions"] + sample["final_invalid_transitions"]
+        assert [0, 1, 2, 3, 4, 5] in programs and len(programs) == 4
+    summary = json.loads((task / "summary.json").read_text())["summary"]
+    assert summary["questions"] == 3 and summary["programs_evaluated"] == 12
+    assert summary["programs_per_second"] > 0
+    assert (task / "valid_program_lengths.png").exists() and (task / "layer_heatmap.png").exists()
+    assert "base_accuracy" in capsys.readouterr().out
+
+    try:  # the supervision loader of training must accept the file
+        from polar.data import load_samples
+    except ImportError:
+        load_samples = None
+    if load_samples is not None:
+        assert len(load_samples(task / MERGED_NAME)) == 3
+
+    # rerun: all done, so the model is not even loaded, and the output is unchanged
+    import polar.engine
+
+    def no_load(*a, **k):
+        raise AssertionError("resume must not redo finished questions")
+
+    monkeypatch.setattr(polar.engine.ProgramRunner, "from_pretrained", no_load)
+    assert _cli(*_search_args(tiny_model_dir, out)) == 0
+    again = json.loads((task / MERGED_NAME).read_text())
+    assert again["samples"] == merged["samples"]
+
+    # same output directory, other settings: a clear one-line error
+    capsys.readouterr()
+    assert _cli(*_search_args(tiny_model_dir, out, "--seed", 5)) == 2
+    assert "different settings" in capsys.readouterr().err
+
+
+def test_cli_shards_then_merge_equal_unsharded(tiny_model_dir, tmp_path, capsys):
+    from polar.cli import main
+
+    assert _cli(*_search_args(tiny_model_dir, tmp_path / "one")) == 0
+    sharded = tmp_path / "two"
+    assert _cli(*_search_args(tiny_model_dir, sharded, "--shard", "1/2")) == 0
+    task = sharded / "tiny-llama" / "dart-math-diff-1"
+    assert not (task / MERGED_NAME).exists()  # shard 0 is missing
+    capsys.readouterr()
+    assert main(["merge", "--out", str(sharded), "--model_path", str(tiny_model_dir), "--target_diff", "1"]) == 2
+    assert "not every shard" in capsys.readouterr().err
+    assert _cli(*_search_args(tiny_model_dir, sharded, "--shard", "0/2")) == 0  # last shard merges
+    (task / MERGED_NAME).unlink()
+    assert main(["merge", "--out", str(sharded), "--model_path", str(tiny_model_dir), "--target_diff", "1"]) == 0
+    one = json.loads((tmp_path / "one" / "tiny-llama" / "dart-math-diff-1" / MERGED_NAME).read_text())
+    two = json.loads((task / MERGED_NAME).read_text())
+    assert strip_timing(two["samples"]) == strip_timing(one["samples"])
