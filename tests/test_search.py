@@ -536,3 +536,27 @@ def test_cli_shards_then_merge_equal_unsharded(tiny_model_dir, tmp_path, capsys)
     one = json.loads((tmp_path / "one" / "tiny-llama" / "dart-math-diff-1" / MERGED_NAME).read_text())
     two = json.loads((task / MERGED_NAME).read_text())
     assert strip_timing(two["samples"]) == strip_timing(one["samples"])
+
+
+@pytest.mark.slow
+def test_tiny_search_on_smollm2_labels_two_questions():
+    """End to end on the real model: prompts, engine, answer checking, MCTS, release format."""
+    from polar.datasets import load_questions
+    from polar.engine import ProgramRunner
+    from polar.scoring import ProgramScorer
+
+    runner = ProgramRunner.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct", device="cpu")
+    scorer = ProgramScorer(runner, prompt_style="plain", max_new_tokens=20)
+    qs = load_questions("math", difficulty=1, limit=2)
+    samples = search_many(qs, scorer, runner.num_layers, SearchConfig(num_simulations=3),
+                          model_name=runner.model_name)
+    assert [s["id"] for s in samples] == [q.id for q in qs]
+    bounds = length_bounds(runner.model_name, runner.num_layers)
+    for sample in samples:
+        programs = sample["final_valid_transitions"] + sample["final_invalid_transitions"]
+        assert len(programs) == 4 and list(range(30)) in programs
+        assert all(is_legal(p, bounds, 2) for p in programs)
+        assert sample["initial_score"] == float(list(range(30)) in sample["final_valid_transitions"])
+    # the full-depth outcome agrees with scoring it directly
+    direct = scorer.score(qs, [list(range(30))] * 2)
+    assert [float(o.correct) for o in direct] == [s["initial_score"] for s in samples]
