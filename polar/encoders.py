@@ -121,22 +121,11 @@ class HFEncoder:
         cache_dir: str | None = None,
         batch_size: int = 16,
     ) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
         self.name = name_or_path
         self.max_length = max_length
         self.batch_size = batch_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, cache_dir=cache_dir)
-            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-            self.model = AutoModel.from_pretrained(name_or_path, cache_dir=cache_dir, dtype=dtype)
-        except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise PolarError(
-                f"cannot load encoder {name_or_path!r} (offline or not a model?): {first}. "
-                "Offline choices: --encoder self, --encoder minilm or a local directory"
-            ) from None
+        self.tokenizer, self.model = _load_encoder(name_or_path, self.device, cache_dir)
         self.model.to(self.device).eval()
         self.dim = int(self.model.config.hidden_size)
 
@@ -156,6 +145,37 @@ class HFEncoder:
             mask = batch["attention_mask"].bool().cpu()
             out.extend(states[row][mask[row]] for row in range(len(chunk)))
         return out
+
+
+def _load_encoder(name: str, device: torch.device, cache_dir: str | None):
+    """Local files / HF cache first; the network only when the hub answers a quick probe, so an
+    offline machine fails at once with a one-line message instead of waiting through retries."""
+    from transformers import AutoModel, AutoTokenizer
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def load(**extra):
+        tokenizer = AutoTokenizer.from_pretrained(name, cache_dir=cache_dir, **extra)
+        return tokenizer, AutoModel.from_pretrained(name, cache_dir=cache_dir, dtype=dtype, **extra)
+
+    try:
+        return load(local_files_only=True)
+    except (OSError, ValueError) as err:
+        error: Exception = err
+    from polar.loading import hub_reachable
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or not hub_reachable()
+    if not offline and not Path(name).exists():
+        try:
+            return load()
+        except (OSError, ValueError) as err:
+            error = err
+    reason = "the hub is unreachable or HF_HUB_OFFLINE is set" if offline else (
+        str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+    raise PolarError(
+        f"cannot load encoder {name!r} ({reason}); offline choices: --encoder self, "
+        "--encoder minilm or a local directory"
+    )
 
 
 # --------------------------------------------------------------------------- self

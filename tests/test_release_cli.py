@@ -140,3 +140,15 @@ def test_polar_eval_subcommand_and_depth_mismatch(tiny_setup, tmp_path, capsys):
     code = polar_main(["eval", "--target_diff", "1", "--model_path", str(model_dir), "--data_root", str(data),
                        "--checkpoint_path", str(wrong), "--num_samples", "2", "--device", "cpu"])
     assert code == 2 and "30 layers" in capsys.readouterr().err
+
+
+def test_self_encoder_uses_the_base_model_states(tiny_setup, capsys):
+    """--encoder self needs no second model; the checkpoint records the layer it read."""
+    root, _, _ = tiny_setup
+    assert run(tiny_setup, "--encoder", "self", "--encoder_layer", "2", "--num_epochs", "1",
+               "--max_total_examples", "256", "--max_val_examples", "64", "--run_tag", "self") == 0
+    (manifest,) = (root / "out" / "checkpoints").rglob("*_self.json")
+    encoder = json.loads(manifest.read_text())["encoder"]
+    assert encoder["name"] == "self" and encoder["layer"] == 2
+    (report,) = (root / "out" / "eval").rglob("eval_*_self.json")
+    assert json.loads(report.read_text())["metrics"]["overall"]["num_questions"] == 4
