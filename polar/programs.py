@@ -206,7 +206,8 @@ def segments_from_starts(starts: Sequence[bool], ops: Sequence[int]) -> list[Seg
     for k, begin in enumerate(begins):
         end = begins[k + 1] if k + 1 < len(begins) else num_layers
         for sub in range(begin, end, MAX_SEGMENT_SIZE):
-            segments.append(Segment(sub, min(MAX_SEGMENT_SIZE, end - sub), int(ops[sub])))
+            op = int(ops[sub]) if ops[sub] in (SKIP, KEEP, REPEAT) else int(ops[begin])
+            segments.append(Segment(sub, min(MAX_SEGMENT_SIZE, end - sub), op))
     return segments
 
 
