@@ -17,7 +17,6 @@ import sys
 from dataclasses import asdict, fields
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 from polar.errors import CheckpointError, DataError
 

@@ -212,3 +212,20 @@ def test_best_checkpoint_by_validation_loss(tmp_path):
     manifest = json.loads((tmp_path / "c.json").read_text())
     assert manifest["training"]["num_epochs"] == 4 and len(manifest["history"]) == 4
     assert manifest["model_path"] == "m" and len(lines) == 4 and "val_loss" in lines[0]
+
+
+def test_missing_wandb_is_a_clear_error_and_amp_on_cpu_is_noted(tmp_path):
+    import importlib.util
+
+    data, cfg = _tiny_sets()
+    cfg.num_epochs = 1
+    if importlib.util.find_spec("wandb") is None:
+        cfg.use_wandb = True
+        with pytest.raises(PolarError, match="pip install wandb"):
+            train_predictor(data, None, cfg.predictor_config(4, 8), cfg, tmp_path / "c", EncoderSpec("hash", dim=8))
+        cfg.use_wandb = False
+    cfg.use_amp, cfg.device = True, "cpu"
+    lines = []
+    train_predictor(data, None, cfg.predictor_config(4, 8), cfg, tmp_path / "c", EncoderSpec("hash", dim=8),
+                    log=lines.append)
+    assert any("--use_amp has no effect" in line for line in lines)
