@@ -157,7 +157,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [bench_model(name, args) for name in args.models]
+    rows = []
+    for name in args.models:
+        rows.append(bench_model(name, args))
+        print(json.dumps(rows[-1]), flush=True)
     print(f"\n{'model':<20}{'D':>4}{'batched s':>11}{'release s':>11}{'ratio':>8}{'agree':>8}"
           f"{'1 prog s':>10}{'HF s':>8}{'HF/ours':>9}")
     for r in rows:
