@@ -1,0 +1,524 @@
+"""CUDA fast path for :class:`polar.engine.ProgramRunner`: static KV buffers and per-layer CUDA graphs.
+
+Decoding one token of a 3B model at batch 1 reads ~6 GB of weights (~1.5 ms on an H200), but
+running the HF layers eagerly costs tens of milliseconds of CPU-side launches. This module keeps
+the engine's semantics (every program position owns its KV state; see :mod:`polar.engine`) and
+removes that overhead, without ever capturing a graph *per program*: search evaluates thousands
+of distinct programs, so graphs must be reusable across programs.
+
+**Schedule.** A batch is merged into steps ``(layer, rows)`` exactly as the generic engine does
+(:func:`polar.engine.build_schedule`): a sweep over ``0..D-1`` shared by all rows, plus extra
+steps for the rows that repeat or jump. Each step is served by a *slot*: the KV buffers
+``[bucket, Hkv, Tcap, d]`` for that step's rows, a row-index vector, and one CUDA graph that runs
+``layer`` on those rows. ``bucket`` is the step's row count rounded up to a power of two (padding
+rows point at a scratch row), ``Tcap`` the prompt width plus ``max_new_tokens`` rounded up to
+:data:`TIME_BLOCK`. A slot is keyed by ``(layer, bucket, dense)`` only; which step of which
+program it serves is data (its row-index vector and its KV contents). A new batch of programs
+takes free slots from the pool and captures graphs only for keys it has never needed, so after a
+few batches new programs run with no capture at all.
+
+**Decode step.** All graphs read and write one workspace of static tensors: the hidden state of
+every row ``[R, 1, H]``, the additive attention mask ``[R, 1, 1, Tcap]``, rotary cos/sin and
+positions, and the current column. A step's graph gathers its rows (or slices them, when the
+rows are ``0..b-1`` — "dense", the common full-batch case), runs the model's own HF decoder
+layer with a cache object whose ``update`` writes k/v at the current column of the slot's
+buffers and returns the full buffers, and scatters the result back. Attention over the full
+``Tcap`` buffer is masked and grouped-query without copying KV. One more graph per row bucket
+does final norm, LM head, argmax, embeds the new token and advances column, mask and rotary
+angles. A decode step is thus ``#steps + 1`` graph replays and one device-to-host copy of the
+new tokens (needed to detect stop tokens).
+
+**Prefill** is compute-bound, so it runs eagerly through the generic engine's grouped loop (rows
+of a step gathered, SDPA attention) with a cache object that writes into the slots.
+
+**Early exit.** When rows finish, each step keeps only its live rows: a step whose rows all
+finished is skipped, and a step whose live rows fit a smaller bucket moves its KV rows into a
+slot of that bucket, so finished rows stop costing compute and attention reads.
+
+Architectures with data-dependent control flow in a layer (MoE routing) or sliding-window layers
+are not supported (:meth:`CudaGraphDecoder.supports`); the runner keeps its generic path for them.
+With ``use_graphs=False`` the same static-buffer code runs eagerly, which is how CPU tests check
+this module against the generic path.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from polar.engine import build_schedule
+
+if TYPE_CHECKING:
+    from polar.engine import ProgramRunner
+
+#: KV capacity granularity: ``Tcap`` is a multiple of this, so prompts of similar length share
+#: workspaces (and graphs), while attention reads at most this many unused columns per row.
+TIME_BLOCK = 128
+
+#: Name under which the decode attention is registered with transformers' attention interface.
+ATTENTION_NAME = "polar_static_kv"
+
+
+def bucket_for(n: int) -> int:
+    """Smallest power of two >= n: batch sizes are padded to these so graphs are few."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _static_kv_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """One-query attention over a full static KV buffer, grouped-query without copying KV.
+
+    The query heads that share a KV head become that head's "queries" ``[b, Hkv, rep, d]``, so
+    SDPA reads each KV head once; HF's own SDPA path would ``repeat_kv`` the whole ``Tcap``
+    buffer when a mask is given, which costs more than the attention itself.
+    """
+    b, heads, q_len, d = query.shape
+    kv_heads = key.shape[1]
+    q = query.reshape(b, kv_heads, (heads // kv_heads) * q_len, d)
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(b, heads, q_len, d).transpose(1, 2), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _static_kv_attention)
+
+
+# --------------------------------------------------------------------------- cache objects
+
+
+class _SlotWriter:
+    """Cache object for a decode step: write k/v at the current column, return full buffers."""
+
+    def __init__(self, column: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+        self.column, self.keys, self.values = column, keys, values
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any):
+        self.keys.index_copy_(2, self.column, key)
+        self.values.index_copy_(2, self.column, value)
+        return self.keys, self.values
+
+    def get_seq_length(self, *args: Any) -> int:
+        return 0
+
+
+class _PrefillWriter:
+    """Cache object for the eager prefill: step ``current``'s k/v go into its slot's buffers.
+
+    The generic engine's layer loop sets ``current`` to the step index, like for ``StepCache``.
+    """
+
+    def __init__(self, slots: list["_Slot"]):
+        self.slots = slots
+        self.current = 0
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any):
+        slot = self.slots[self.current]
+        n, width = key.shape[0], key.shape[-2]
+        slot.keys[:n, :, :width].copy_(key)
+        slot.values[:n, :, :width].copy_(value)
+        return key, value
+
+    def get_seq_length(self, *args: Any) -> int:
+        return 0
+
+
+def _call_layer(
+    layer: torch.nn.Module, h: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+    pe: tuple[torch.Tensor, torch.Tensor], cache: dict[str, Any],
+) -> torch.Tensor:
+    """One HF decoder layer on decode inputs (a function, so torch.compile can wrap it)."""
+    out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe, **cache, use_cache=True)
+    return out[0] if isinstance(out, tuple) else out
+
+
+# --------------------------------------------------------------------------- workspace
+
+
+@dataclass(eq=False)
+class _Slot:
+    """KV buffers and graph for one schedule step; reused by any step with the same key."""
+
+    layer: int
+    bucket: int
+    dense: bool  # rows are 0..bucket-1: slice instead of gather/scatter
+    rows: torch.Tensor  # long [bucket]: workspace rows (padding -> scratch row)
+    keys: torch.Tensor  # [bucket, Hkv, Tcap, d]
+    values: torch.Tensor
+    members: list[int] = field(default_factory=list)  # batch row per slot position, -1 = none
+    graph: Any = None
+    in_use: bool = False
+
+
+@dataclass(eq=False)
+class _Head:
+    """Final norm + LM head + argmax + next-token embedding for one row bucket."""
+
+    bucket: int
+    dense: bool
+    rows: torch.Tensor  # long [bucket]
+    tokens: torch.Tensor  # long [bucket]
+    logits: torch.Tensor  # [bucket, V], model dtype (kept for tests and diagnostics)
+    graph: Any = None
+
+
+class _Workspace:
+    """Static tensors shared by all graphs of one KV capacity ``tcap``."""
+
+    def __init__(self, runner: "ProgramRunner", max_rows: int, tcap: int):
+        device, dtype = runner.device, runner.dtype
+        self.tcap = tcap
+        self.max_rows = max_rows
+        self.scratch = max_rows  # padding rows of a bucket read and write this row
+        rows = max_rows + 1
+        hidden_size = runner._backbone.embed_tokens.weight.shape[1]
+        self.hidden = torch.zeros(rows, 1, hidden_size, device=device, dtype=dtype)
+        self.mask = torch.zeros(rows, 1, 1, tcap, device=device, dtype=dtype)
+        self.positions = torch.zeros(rows, 1, device=device, dtype=torch.long)
+        cos, sin = runner._backbone.rotary_emb(self.hidden, self.positions)
+        self.cos, self.sin = cos.clone(), sin.clone()
+        self.column = torch.zeros(1, device=device, dtype=torch.long)
+        self.slots: dict[tuple[int, int, bool], list[_Slot]] = {}
+        self.heads: dict[tuple[int, bool], _Head] = {}
+
+    def state(self) -> list[torch.Tensor]:
+        """Tensors a graph's warm-up run modifies, to be restored before capture."""
+        return [self.hidden, self.mask, self.positions, self.cos, self.sin, self.column]
+
+
+# --------------------------------------------------------------------------- decoder
+
+
+class CudaGraphDecoder:
+    """Static-buffer, graph-replayed decoding for a :class:`ProgramRunner` (see module docstring).
+
+    ``generate_chunk`` has the generic engine's contract and results (up to floating-point ties).
+    """
+
+    def __init__(
+        self, runner: "ProgramRunner", use_graphs: bool | None = None, max_workspaces: int = 2,
+        compile_layers: bool = False,
+    ):
+        _register_attention()
+        self.runner = runner
+        self.use_graphs = runner.device.type == "cuda" if use_graphs is None else use_graphs
+        self.max_rows = bucket_for(runner.max_batch_size)
+        self.max_workspaces = max_workspaces
+        self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
+        attn_configs = {id(layer.self_attn.config): layer.self_attn.config for layer in runner._layers}
+        self._attn_configs = list(attn_configs.values())
+        attn = runner._layers[0].self_attn
+        config = runner.config
+        self._kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+        self._head_dim = int(getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        self.capture_logits = False  # tests: keep each step's logits in `last_logits`
+        self.last_logits: list[torch.Tensor] = []
+        self.graphs_captured = 0
+        self.slots_created = 0
+        # Optional: fuse each layer's small elementwise kernels (norms, rotary, residuals) with
+        # torch.compile before capture. Decode at batch 1 is bound by those launches inside the
+        # graph, not by weight reads; compiling costs a recompile per (layer, bucket) once.
+        self._call_layer = _call_layer
+        if compile_layers:
+            dynamo = torch._dynamo.config
+            for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
+                if hasattr(dynamo, name):
+                    setattr(dynamo, name, max(getattr(dynamo, name), 4096))
+            self._call_layer = torch.compile(_call_layer, dynamic=False)
+        if self.use_graphs:
+            self._pool = torch.cuda.graph_pool_handle()
+            self._stream = torch.cuda.Stream(device=runner.device)
+
+    @staticmethod
+    def supports(runner: "ProgramRunner") -> bool:
+        """CUDA device, attention layers with a standard ``self_attn``, no MoE or sliding windows.
+
+        MoE routing picks experts from the data (host-side control flow), which a graph would
+        freeze; sliding-window layers would need a second mask per window.
+        """
+        if runner.device.type != "cuda" or runner._sliding:
+            return False
+        config = runner.config
+        if any(getattr(config, name, 0) for name in ("num_experts", "num_local_experts", "n_routed_experts")):
+            return False
+        for layer in runner._layers:
+            attn = getattr(layer, "self_attn", None)
+            if attn is None or not hasattr(attn, "config") or hasattr(getattr(layer, "mlp", None), "experts"):
+                return False
+        return True
+
+    # ---- public entry point (called by ProgramRunner._generate_chunk)
+
+    @torch.inference_mode()
+    def generate_chunk(
+        self, token_lists: list[list[int]], programs: list[list[int]], max_new_tokens: int, stops: set[int]
+    ) -> tuple[list[list[int]], list[bool]]:
+        """Greedy tokens per row (stop token excluded) and whether a stop token ended each row."""
+        if len(token_lists) > self.max_rows:
+            outputs, stopped = [], []
+            for start in range(0, len(token_lists), self.max_rows):
+                o, s = self.generate_chunk(
+                    token_lists[start:start + self.max_rows], programs[start:start + self.max_rows],
+                    max_new_tokens, stops,
+                )
+                outputs += o
+                stopped += s
+            return outputs, stopped
+        self.last_logits = []
+        batch = len(token_lists)
+        outputs: list[list[int]] = [[] for _ in range(batch)]
+        stopped = [False] * batch
+        if max_new_tokens <= 0 or batch == 0:
+            return outputs, stopped
+        width = max(len(t) for t in token_lists)
+        tcap = -(-(width + max_new_tokens) // TIME_BLOCK) * TIME_BLOCK
+        ws = self._workspace(tcap)
+        steps = build_schedule(programs, "cpu")
+        slots = [self._acquire(ws, step.layer, step.rows.tolist()) for step in steps]
+        try:
+            self._prefill(ws, token_lists, programs, slots)
+            self._decode(ws, steps, slots, batch, max_new_tokens, stops, outputs, stopped)
+        finally:
+            for slot in slots:
+                slot.in_use = False
+        return outputs, stopped
+
+    # ---- slots and workspaces
+
+    def _workspace(self, tcap: int) -> _Workspace:
+        ws = self._workspaces.get(tcap)
+        if ws is None:
+            while len(self._workspaces) >= self.max_workspaces:
+                self._workspaces.popitem(last=False)  # its graphs and buffers go with it
+            ws = self._workspaces[tcap] = _Workspace(self.runner, self.max_rows, tcap)
+        self._workspaces.move_to_end(tcap)
+        return ws
+
+    def _acquire(self, ws: _Workspace, layer: int, members: list[int]) -> _Slot:
+        """A free slot for ``layer`` sized for ``members`` (batch rows), rows vector filled in."""
+        bucket = bucket_for(len(members))
+        dense = members == list(range(bucket))
+        pool = ws.slots.setdefault((layer, bucket, dense), [])
+        slot = next((s for s in pool if not s.in_use), None)
+        if slot is None:
+            device, dtype = self.runner.device, self.runner.dtype
+            shape = (bucket, self._kv_heads, ws.tcap, self._head_dim)
+            # zeros, not empty: masked columns must hold finite values (0 * NaN would leak)
+            slot = _Slot(
+                layer, bucket, dense, torch.full((bucket,), ws.scratch, dtype=torch.long, device=device),
+                torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+            )
+            pool.append(slot)
+            self.slots_created += 1
+        slot.in_use = True
+        self._set_members(ws, slot, members)
+        return slot
+
+    def _set_members(self, ws: _Workspace, slot: _Slot, members: list[int]) -> None:
+        slot.members = list(members) + [-1] * (slot.bucket - len(members))
+        rows = [m if m >= 0 else ws.scratch for m in slot.members]
+        slot.rows.copy_(torch.tensor(rows, dtype=torch.long))
+
+    # ---- prefill
+
+    def _prefill(self, ws: _Workspace, token_lists: list[list[int]], programs: list[list[int]], slots: list[_Slot]) -> None:
+        """Eager grouped prefill (generic engine loop) writing KV into the slots; sets up the
+        workspace so that the next head step reads the last prompt token's hidden state."""
+        runner = self.runner
+        ids, key_valid = runner._pad_left(token_lists)
+        batch, width = ids.shape
+        positions = runner._positions(key_valid)
+        steps = build_schedule(programs, runner.device)
+        hidden = runner._backbone.embed_tokens(ids)
+        masks = runner._attention_masks(key_valid, width)
+        hidden = runner._run_layers(hidden, steps, masks, positions, _PrefillWriter(slots))
+        neg = torch.finfo(runner.dtype).min
+        ws.hidden.zero_()
+        ws.hidden[:batch].copy_(hidden[:, -1:])
+        ws.mask.zero_()  # unused and scratch rows attend everywhere: finite garbage, never NaN
+        ws.mask[:batch, 0, 0, :].fill_(neg)
+        ws.mask[:batch, 0, 0, :width].masked_fill_(key_valid.bool(), 0.0)
+        ws.positions.zero_()
+        ws.positions[:batch].copy_(positions[:, -1:])
+        ws.column.fill_(width - 1)
+
+    # ---- decode
+
+    def _decode(
+        self, ws: _Workspace, steps: list, slots: list[_Slot], batch: int, max_new_tokens: int,
+        stops: set[int], outputs: list[list[int]], stopped: list[bool],
+    ) -> None:
+        live = list(range(batch))
+        active = list(slots)
+        with self._decode_attention():
+            head = self._head(ws, live)
+            for t in range(max_new_tokens):
+                self._run(ws, head, self._head_step)
+                tokens = head.tokens[: len(live)].tolist()
+                if self.capture_logits:
+                    step_logits = torch.full((batch, head.logits.shape[1]), float("nan"))
+                    step_logits[live] = head.logits[: len(live)].float().cpu()
+                    self.last_logits.append(step_logits)
+                finished = set()
+                for row, token in zip(live, tokens):
+                    if token in stops:
+                        stopped[row] = True
+                        finished.add(row)
+                    else:
+                        outputs[row].append(token)
+                if t == max_new_tokens - 1 or len(finished) == len(live):
+                    return
+                if finished:
+                    live = [r for r in live if r not in finished]
+                    active = self._drop_rows(ws, slots, finished)
+                    head = self._head(ws, live)
+                for slot in active:
+                    self._run(ws, slot, self._layer_step)
+
+    def _drop_rows(self, ws: _Workspace, slots: list[_Slot], finished: set[int]) -> list[_Slot]:
+        """Early exit: remove finished rows from every step, moving a step's KV into a smaller
+        slot when its live rows fit one. ``slots`` is updated in place; returns those to run."""
+        active = []
+        for s, slot in enumerate(slots):
+            keep = [j for j, m in enumerate(slot.members) if m >= 0 and m not in finished]
+            members = [slot.members[j] for j in keep]
+            if len(members) == len([m for m in slot.members if m >= 0]):
+                if members:
+                    active.append(slot)
+                continue
+            if not members:
+                continue  # slot stays reserved (its index must remain valid) but never runs
+            bucket = bucket_for(len(members))
+            dense = members == list(range(bucket))
+            if (bucket, dense) == (slot.bucket, slot.dense):
+                self._set_members(ws, slot, [m if m >= 0 and m not in finished else -1 for m in slot.members])
+                active.append(slot)
+                continue
+            new = self._acquire(ws, slot.layer, members)
+            index = torch.tensor(keep, dtype=torch.long, device=slot.keys.device)
+            new.keys[: len(keep)].copy_(slot.keys.index_select(0, index))
+            new.values[: len(keep)].copy_(slot.values.index_select(0, index))
+            slot.in_use = False
+            slots[s] = new
+            active.append(new)
+        return active
+
+    def _head(self, ws: _Workspace, live: list[int]) -> _Head:
+        bucket = bucket_for(len(live))
+        dense = live == list(range(bucket))
+        head = ws.heads.get((bucket, dense))
+        if head is None:
+            device = self.runner.device
+            vocab = self.runner.model.lm_head.weight.shape[0]
+            head = _Head(
+                bucket, dense, torch.full((bucket,), ws.scratch, dtype=torch.long, device=device),
+                torch.zeros(bucket, dtype=torch.long, device=device),
+                torch.zeros(bucket, vocab, dtype=self.runner.dtype, device=device),
+            )
+            ws.heads[(bucket, dense)] = head
+        rows = live + [ws.scratch] * (bucket - len(live))
+        head.rows.copy_(torch.tensor(rows, dtype=torch.long))
+        return head
+
+    # ---- the two kinds of graph bodies
+
+    def _layer_step(self, ws: _Workspace, slot: _Slot) -> None:
+        """Run ``slot.layer`` on the slot's rows at the current column (graph body)."""
+        runner = self.runner
+        if slot.dense:
+            n = slot.bucket
+            h, m, pos = ws.hidden[:n], ws.mask[:n], ws.positions[:n]
+            pe = (ws.cos[:n], ws.sin[:n])
+        else:
+            idx = slot.rows
+            h, m, pos = ws.hidden.index_select(0, idx), ws.mask.index_select(0, idx), ws.positions.index_select(0, idx)
+            pe = (ws.cos.index_select(0, idx), ws.sin.index_select(0, idx))
+        cache = _SlotWriter(ws.column, slot.keys, slot.values)
+        out = self._call_layer(runner._layers[slot.layer], h, m, pos, pe, {runner._cache_kwarg: cache})
+        if slot.dense:
+            ws.hidden[: slot.bucket].copy_(out)
+        else:
+            ws.hidden.index_copy_(0, slot.rows, out)
+
+    def _head_step(self, ws: _Workspace, head: _Head) -> None:
+        """Next token of each row, its embedding as the next input, and advance one column."""
+        runner = self.runner
+        backbone = runner._backbone
+        h = ws.hidden[: head.bucket] if head.dense else ws.hidden.index_select(0, head.rows)
+        logits = runner.model.lm_head(backbone.norm(h))[:, -1]
+        head.logits.copy_(logits)
+        tokens = logits.argmax(-1)
+        head.tokens.copy_(tokens)
+        embedded = backbone.embed_tokens(tokens)[:, None]
+        if head.dense:
+            ws.hidden[: head.bucket].copy_(embedded)
+        else:
+            ws.hidden.index_copy_(0, head.rows, embedded)
+        ws.column.add_(1)
+        ws.mask.index_fill_(3, ws.column, 0.0)
+        ws.positions.add_(1)
+        cos, sin = backbone.rotary_emb(ws.hidden, ws.positions)
+        ws.cos.copy_(cos)
+        ws.sin.copy_(sin)
+
+    # ---- execution: eager, or captured once per slot/head and replayed
+
+    def _run(self, ws: _Workspace, unit: _Slot | _Head, body: Callable[[_Workspace, Any], None]) -> None:
+        if not self.use_graphs:
+            body(ws, unit)
+            return
+        if unit.graph is None:
+            unit.graph = self._capture(ws, lambda: body(ws, unit))
+        unit.graph.replay()
+
+    def _capture(self, ws: _Workspace, fn: Callable[[], None]) -> Any:
+        """Warm up ``fn`` on a side stream (first-use allocations, library handles), undo its
+        effect on the workspace, then record it into a graph sharing one memory pool: every
+        graph writes its results into static buffers, so their intermediates never overlap."""
+        saved = [t.clone() for t in ws.state()]
+        stream = self._stream
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        for t, s in zip(ws.state(), saved):
+            t.copy_(s)
+        graph = torch.cuda.CUDAGraph()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            graph.capture_begin(pool=self._pool)
+            try:
+                fn()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graphs_captured += 1
+        return graph
+
+    @contextmanager
+    def _decode_attention(self) -> Iterator[None]:
+        """Route the layers' attention to :func:`_static_kv_attention` while decoding (graphs
+        record the kernels, so replays keep it after the setting is restored)."""
+        saved = [c._attn_implementation for c in self._attn_configs]
+        for c in self._attn_configs:
+            c._attn_implementation = ATTENTION_NAME
+        try:
+            yield
+        finally:
+            for c, value in zip(self._attn_configs, saved):
+                c._attn_implementation = value
