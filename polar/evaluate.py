@@ -105,18 +105,43 @@ def run_evaluation(
         cursor += 1 + len(cands)
         results.append(_question_result(sample, str(diff), [c.program for c in cands], base, live, config))
 
-    n = max(1, len(results))
     timing = {
-        "seconds_per_question": (finished - started) / n,
-        "predict_seconds_per_question": (predicted - started) / n,
-        "live_seconds_per_question": (finished - predicted) / n,
+        "questions": len(results),
+        "seconds": finished - started,
+        "predict_seconds": predicted - started,
+        "live_seconds": finished - predicted,
+    }
+    per_question = [asdict(r) for r in results]
+    return {"metrics": build_metrics(per_question, num_layers, timing), "per_question": per_question,
+            "timing": timing}
+
+
+def build_metrics(per_question: Sequence[dict], num_layers: int, timing: dict[str, float]) -> dict[str, Any]:
+    """Overall and per-difficulty metrics from ``per_question`` records (also used to merge shards)."""
+    results = [QuestionResult(**q) for q in per_question]
+    n = max(1, len(results))
+    per_q_timing = {
+        "seconds_per_question": timing["seconds"] / n,
+        "predict_seconds_per_question": timing["predict_seconds"] / n,
+        "live_seconds_per_question": timing["live_seconds"] / n,
     }
     by_diff: dict[str, list[QuestionResult]] = {}
     for r in results:
         by_diff.setdefault(r.difficulty, []).append(r)
-    metrics = {"overall": {**summarise(results, num_layers), **timing}}
+    metrics: dict[str, Any] = {"overall": {**summarise(results, num_layers), **per_q_timing}}
     metrics["per_difficulty"] = {d: summarise(rs, num_layers) for d, rs in sorted(by_diff.items())}
-    return {"metrics": metrics, "per_question": [asdict(r) for r in results]}
+    return metrics
+
+
+def merge_reports(reports: Sequence[dict[str, Any]], num_layers: int) -> dict[str, Any]:
+    """Join the reports of question shards (one per rank). ``seconds_per_question`` becomes the
+    summed compute time of all shards per question, i.e. the cost on one device."""
+    per_question = [q for r in reports for q in r["per_question"]]
+    timing = {key: sum(r["timing"][key] for r in reports)
+              for key in ("questions", "seconds", "predict_seconds", "live_seconds")}
+    timing["shards"] = len(reports)
+    return {"metrics": build_metrics(per_question, num_layers, timing), "per_question": per_question,
+            "timing": timing}
 
 
 def _question_result(sample, diff, programs, base, live, config: EvalConfig) -> QuestionResult:

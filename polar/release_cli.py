@@ -99,6 +99,9 @@ def add_release_arguments(parser: argparse.ArgumentParser) -> None:
     extras.add_argument("--fewshot", type=int, default=0)
     extras.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     extras.add_argument("--dtype", default=None, help="base model dtype (default: bf16 on GPU, fp32 on CPU)")
+    extras.add_argument("--shard", default=None, metavar="i/n",
+                        help="evaluate question shard i of n (default: RANK/WORLD_SIZE from torchrun, else 0/1); "
+                             "the last shard to finish writes the merged report")
     extras.add_argument("--eval_batch_size", type=int, default=64, help="sequences per engine call")
     extras.add_argument("--tensorboard_dir", default=None)
     extras.add_argument("--no_progress", action="store_true", help="no progress bars")
@@ -175,12 +178,19 @@ class Job:
         return out
 
     @cached_property
+    def device(self) -> str | None:
+        """The flag, else (under torchrun) the GPU named by LOCAL_RANK."""
+        from polar.commands.search import default_device
+
+        return default_device(self.args.device)
+
+    @cached_property
     def runner(self):
         from polar.engine import ProgramRunner
 
         self.log(f"loading {self.args.model_path} ...")
         return ProgramRunner.from_pretrained(
-            self.args.model_path, device=self.args.device, dtype=self.args.dtype, cache_dir=self.args.hf_cache_dir
+            self.args.model_path, device=self.device, dtype=self.args.dtype, cache_dir=self.args.hf_cache_dir
         )
 
     @cached_property
@@ -224,7 +234,7 @@ class Job:
         from polar.encoders import build_encoder, encode_cached
 
         runner = self.runner if encoder_spec.name == "self" else None
-        encoder = build_encoder(encoder_spec, runner=runner, device=self.args.device, cache_dir=self.args.hf_cache_dir)
+        encoder = build_encoder(encoder_spec, runner=runner, device=self.device, cache_dir=self.args.hf_cache_dir)
         return encoder, encode_cached(encoder, texts, self.feature_cache)
 
 
@@ -248,7 +258,9 @@ def train_job(job: Job) -> Path:
     from polar.encoders import EncoderSpec
     from polar.io import run_metadata
     from polar.predictor import checkpoint_files
-    from polar.train import TrainingSet, build_examples, cap_examples, train_predictor
+    from polar.train import TrainingSet, build_examples, cap_examples, check_logging_available, train_predictor
+
+    from polar.commands.search import parse_shard
 
     args, log = job.args, job.log
     path = job.checkpoint_path()
@@ -256,7 +268,13 @@ def train_job(job: Job) -> Path:
         log(f"checkpoint {path} already exists: skipping training "
             "(delete it or pass a different --run_tag to retrain)")
         return path
+    if parse_shard(getattr(args, "shard", None))[1] > 1:
+        raise CheckpointError(
+            f"no checkpoint at {path}: train in one process first, then evaluate in shards with --eval "
+            "(several ranks training the same checkpoint would overwrite each other)"
+        )
     config = train_config_from_args(args)
+    check_logging_available(config)
     train_samples = [s for diff in job.diffs for s in job.splits[diff][0]]
     val_samples = [] if args.no_validation else [s for diff in job.diffs for s in job.splits[diff][1]]
     if not train_samples:
@@ -298,6 +316,7 @@ def train_job(job: Job) -> Path:
 
 def eval_job(job: Job, checkpoint: Path | None = None) -> Path:
     """Evaluate a checkpoint on the test split(s); write the report; return its path."""
+    from polar.commands.search import parse_shard
     from polar.evaluate import EvalConfig, format_metrics, run_evaluation, write_report
     from polar.predictor import checkpoint_files, load_checkpoint
     from polar.scoring import ProgramScorer
@@ -307,7 +326,7 @@ def eval_job(job: Job, checkpoint: Path | None = None) -> Path:
     if not all(p.exists() for p in checkpoint_files(path)):
         raise CheckpointError(f"no predictor checkpoint at {path}: train first (drop --eval) or pass --checkpoint_path")
     runner = job.runner
-    ckpt = load_checkpoint(path, num_layers=runner.num_layers, device=args.device or "cpu")
+    ckpt = load_checkpoint(path, num_layers=runner.num_layers, device=job.device or "cpu")
     samples, diffs = [], []
     for diff in job.diffs:
         test = job.splits[diff][2]
@@ -315,6 +334,10 @@ def eval_job(job: Job, checkpoint: Path | None = None) -> Path:
         diffs.extend([diff] * len(test))
     if not samples:
         raise DataError("no test questions: the test split is samples [1500:1500+num_samples] of each file")
+    shard, num_shards = parse_shard(getattr(args, "shard", None))
+    if num_shards > 1:
+        samples, diffs = samples[shard::num_shards], diffs[shard::num_shards]
+        log(f"shard {shard}/{num_shards}: {len(samples)} test questions")
     _, features = job.encode(ckpt.encoder, [s.question for s in samples])
     prompt_style = job.prompt_style(ckpt.meta)
     scorer = ProgramScorer(runner, prompt_style=prompt_style, answer_mode=args.answer_mode,
@@ -335,6 +358,11 @@ def eval_job(job: Job, checkpoint: Path | None = None) -> Path:
         "training": ckpt.meta.get("training"),
         "checkpoint_prompt_style": ckpt.meta.get("prompt_style"),
     }
+    if num_shards > 1:
+        report = _merge_if_complete(job.eval_path(), report, shard, num_shards, runner.num_layers)
+        if report is None:
+            log(f"shard {shard}/{num_shards} done; the last shard to finish writes {job.eval_path()}")
+            return job.eval_path()
     out = write_report(report, job.eval_path(), runner.num_layers, settings, log=log)
     log(format_metrics(report["metrics"]))
     log(f"wrote {out}")
@@ -343,6 +371,21 @@ def eval_job(job: Job, checkpoint: Path | None = None) -> Path:
             file.unlink(missing_ok=True)
         log(f"deleted checkpoint {path}")
     return out
+
+
+def _merge_if_complete(eval_path: Path, report: dict, shard: int, num_shards: int, num_layers: int) -> dict | None:
+    """Save this shard's report; when every shard's is there, return the merged report."""
+    import json
+
+    from polar.evaluate import merge_reports
+    from polar.io import write_json_atomic
+
+    folder = eval_path.with_name(eval_path.stem + ".shards")
+    write_json_atomic(folder / f"shard-{shard:05d}-of-{num_shards:05d}.json", report)
+    files = [folder / f"shard-{i:05d}-of-{num_shards:05d}.json" for i in range(num_shards)]
+    if not all(f.exists() for f in files):
+        return None
+    return merge_reports([json.loads(f.read_text(encoding="utf-8")) for f in files], num_layers)
 
 
 def run_release(args: argparse.Namespace) -> int:

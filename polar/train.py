@@ -321,6 +321,16 @@ def evaluate_loss(model: PolarPredictor, data: TrainingSet, config: TrainConfig,
     return total / weight if weight else float("nan")
 
 
+def check_logging_available(config: TrainConfig) -> None:
+    """Fail before any expensive work when a requested logging backend is not installed."""
+    import importlib.util
+
+    if config.use_wandb and importlib.util.find_spec("wandb") is None:
+        raise PolarError("--use_wandb needs the wandb package (pip install wandb)")
+    if config.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
+        raise PolarError("--tensorboard_dir needs the tensorboard package (pip install tensorboard)")
+
+
 class _Logger:
     """Optional wandb / tensorboard sinks; a missing package is a clear error, not a crash later."""
 

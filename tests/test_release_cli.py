@@ -99,7 +99,7 @@ def run(tiny_setup, *extra):
         "--learning_rate", "5e-4", "--per_sample_weight_normalize", "--reweight_original_path_if_shorter_valid",
         "--original_path_weight", "0.30", "--lr_scheduler", "cosine", "--warmup_steps", "10",
         "--polar_d_model", "32", "--num_samples", "4", "--top_k_paths", "3", "--max_new_tokens", "4",
-        "--device", "cpu", "--no_progress", *extra,
+        "--device", "cpu", "--no_progress", "--max_total_examples", "512", *extra,
     ])
 
 
@@ -152,3 +152,24 @@ def test_self_encoder_uses_the_base_model_states(tiny_setup, capsys):
     assert encoder["name"] == "self" and encoder["layer"] == 2
     (report,) = (root / "out" / "eval").rglob("eval_*_self.json")
     assert json.loads(report.read_text())["metrics"]["overall"]["num_questions"] == 4
+
+
+def test_sharded_eval_merges_into_one_report(tiny_setup, capsys):
+    """Two shards (as torchrun ranks would be) evaluate half the questions each; the last one to
+    finish writes the report over all questions."""
+    root, _, _ = tiny_setup
+    common = ("--run_tag", "sharded", "--num_epochs", "1", "--max_total_examples", "128")
+    assert run(tiny_setup, *common, "--shard", "0/2") == 2  # no checkpoint: train unsharded first
+    assert "train in one process first" in capsys.readouterr().err
+    assert run(tiny_setup, *common) == 0
+    (single,) = (root / "out" / "eval").rglob("eval_*_sharded.json")
+    expected = json.loads(single.read_text())
+    single.unlink()
+    assert run(tiny_setup, *common, "--eval", "--shard", "1/2") == 0
+    assert not single.exists() and "the last shard to finish writes" in capsys.readouterr().out
+    assert run(tiny_setup, *common, "--eval", "--shard", "0/2") == 0
+    merged = json.loads(single.read_text())
+    assert merged["timing"]["shards"] == 2 and merged["metrics"]["overall"]["num_questions"] == 4
+    assert sorted(q["id"] for q in merged["per_question"]) == sorted(q["id"] for q in expected["per_question"])
+    for key in ("pass_at_k", "pass_at_1", "vote_at_k", "baseline_accuracy", "mean_layers_top1"):
+        assert merged["metrics"]["overall"][key] == expected["metrics"]["overall"][key]
