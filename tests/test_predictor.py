@@ -124,7 +124,7 @@ def test_predictor_learns_keyword_programs(tmp_path):
     """Spec: the right program follows from the question -> >= 90% exact top-1 on held-out."""
     train_samples, test_samples = synthetic_samples(240, seed=0), synthetic_samples(60, seed=1)
     encoder = HashEncoder(dim=32)
-    config = TrainConfig(num_epochs=12, batch_size=16, learning_rate=2e-3, polar_d_model=64,
+    config = TrainConfig(num_epochs=8, batch_size=32, learning_rate=3e-3, polar_d_model=64,
                          dropout=0.0, no_validation=True, progress=False)
     examples, _ = build_examples(train_samples, D, config, random.Random(0))
     train = TrainingSet(encoder.encode([s.question for s in train_samples]), examples)
