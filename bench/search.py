@@ -101,7 +101,9 @@ def release_way(runner, scorer, pairs, max_new_tokens: int) -> tuple[float, list
     try:
         for question, program, _ in pairs:
             prompt, _ = scorer._prompt(question)
-            ids = tok(prompt, return_tensors="pt", add_special_tokens=False).to(runner.device)
+            # the exact token ids our engine feeds, so both ways see the same input
+            input_ids = torch.tensor([runner.encode([prompt])[0]], device=runner.device)
+            ids = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
             model.model.layers = torch.nn.ModuleList([layers[i] for i in program])
             model.config.num_hidden_layers = len(program)
             with torch.inference_mode():
