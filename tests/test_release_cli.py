@@ -34,7 +34,7 @@ def save_tiny_llama(directory) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def write_supervision(root, model_path: str, n: int = 1504) -> None:
+def write_supervision(root, model_path: str, n: int = 1504, difficulty: int = 1) -> None:
     """Keyword questions: 'plus' questions skip layer 2, others loop layer 4."""
     rng = random.Random(0)
     samples = []
@@ -42,7 +42,7 @@ def write_supervision(root, model_path: str, n: int = 1504) -> None:
         kind = rng.choice(["plus", "minus"])
         valid = [[0, 1, 3, 4, 5]] if kind == "plus" else [[0, 1, 2, 3, 4, 4, 5], [0, 1, 2, 3, 4, 5]]
         samples.append({
-            "question": f"what is {i} {kind} {rng.randrange(9)}",
+            "question": f"what is {i} {kind} {rng.randrange(9)} {'x' * difficulty}",
             "gt_ans": str(i),
             "initial_score": float(kind == "minus"),
             "final_valid_transitions": valid + ([[5, 4, 3]] if i % 10 == 0 else []),  # unparseable
@@ -50,7 +50,7 @@ def write_supervision(root, model_path: str, n: int = 1504) -> None:
         })
     from polar.data import supervision_path
 
-    path = supervision_path(root, model_path, 1)
+    path = supervision_path(root, model_path, difficulty)
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"samples": samples}))
 
@@ -173,3 +173,21 @@ def test_sharded_eval_merges_into_one_report(tiny_setup, capsys):
     assert sorted(q["id"] for q in merged["per_question"]) == sorted(q["id"] for q in expected["per_question"])
     for key in ("pass_at_k", "pass_at_1", "vote_at_k", "baseline_accuracy", "mean_layers_top1"):
         assert merged["metrics"]["overall"][key] == expected["metrics"]["overall"][key]
+
+
+@pytest.mark.slow
+def test_eval_all_diffs_reports_each_difficulty(tiny_setup):
+    root, model_dir, data = tiny_setup
+    for diff in (2, 3, 4, 5):
+        if not (data / str(model_dir).lstrip("/") / f"dart-math-diff-{diff}").exists():
+            write_supervision(data, str(model_dir), n=1502, difficulty=diff)
+    args = ["--eval_all_diffs", "--model_path", str(model_dir), "--data_root", str(data),
+            "--save_dir", str(root / "out"), "--encoder", "hash", "--num_epochs", "1", "--batch_size", "128",
+            "--polar_d_model", "16", "--num_samples", "1", "--top_k_paths", "2", "--max_new_tokens", "2",
+            "--max_total_examples", "256", "--max_val_examples", "64", "--device", "cpu", "--no_progress"]
+    assert main(args) == 0
+    (report,) = (root / "out" / "eval").rglob("eval_polar_polar_diffall_seed42.json")
+    metrics = json.loads(report.read_text())["metrics"]
+    assert set(metrics["per_difficulty"]) == {"1", "2", "3", "4", "5"}
+    assert metrics["overall"]["num_questions"] == 5
+    assert all(m["num_questions"] == 1 for m in metrics["per_difficulty"].values())
