@@ -12,7 +12,11 @@ GPU, so no download is needed; timings do not depend on weight values. Reports, 
   50 new tokens, no early stop): HF ``generate`` one program at a time (a few measured, the
   rate extrapolated) vs the fast path in one batch (after a warm-up batch of other programs).
 
-Usage: ``python bench/gpu.py --models 3b,8b --out bench-gpu.json``
+The fast path runs with its defaults on CUDA: torch.compile'd layers and head, fused q/k/v and
+gate/up projections, beam-merged schedule, stop tokens checked one token behind; ``--baseline``
+adds the batch-1 time without compile and fusion.
+
+Usage: ``python bench/gpu.py --models 3b,8b --baseline --out bench-gpu.json``
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from polar.cuda_engine import CudaGraphDecoder  # noqa: E402
-from polar.engine import ProgramRunner, build_schedule  # noqa: E402
+from polar.engine import ProgramRunner, _greedy_min_order, build_schedule  # noqa: E402
 
 
 def model_config(name: str) -> Any:
@@ -168,6 +172,10 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
     def ours(runner: ProgramRunner, program: list[int]) -> Callable[[int], Any]:
         return lambda n: runner.generate([prompt], [program], max_new_tokens=n, stop_token_ids=none)
 
+    r["fused"] = fast.fast_path._fused is not None
+    r["compiled"] = fast.fast_path.compiled
+    r["first_call_s"] = timed(lambda: ours(fast, full)(2))  # includes compiling for bucket 1
+    log(f"first call (compile, capture): {r['first_call_s']:.1f} s; fused={r['fused']} compiled={r['compiled']}")
     r["fast_ms"] = per_step_ms(ours(fast, full), 1, 65, 3)
     log(f"fast path full depth: {r['fast_ms']:.3f} ms/step")
     n_short = round(depth * args.short_layers / 28)  # same fraction of depth on every model
@@ -178,28 +186,12 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
     r["short_ratio"] = r["fast_short_ms"] / r["fast_ms"]
     r["short_target"] = len(short) / depth + 0.10
     log(f"fast path {len(short)}/{depth} layers: {r['fast_short_ms']:.3f} ms/step (ratio {r['short_ratio']:.3f})")
-    if args.compiled:  # same fast path with each layer fused by torch.compile before capture
-        try:
-            comp = ProgramRunner(model, max_batch_size=args.programs)
-            comp.fast_path = CudaGraphDecoder(comp, compile_layers=True)
-            r["compile_s"] = timed(lambda: ours(comp, full)(2))
-            r["compiled_ms"] = per_step_ms(ours(comp, full), 1, 65, 3)
-            r["compiled_short_ms"] = per_step_ms(ours(comp, short), 1, 65, 3)
-            log(f"compiled fast path: {r['compiled_ms']:.3f} ms/step full, {r['compiled_short_ms']:.3f} short "
-                f"(first call incl. compiling {depth} layers: {r['compile_s']:.1f} s)")
-            if args.compiled_batch:
-                b_prompts = [torch.randint(100, vocab, (args.prompt_len,), generator=gen).tolist()
-                             for _ in range(args.programs)]
-                b_programs = mcts_programs(depth, args.programs, seed=300)
-                r["compiled_batch_cold_s"] = timed(lambda: comp.generate(
-                    b_prompts, b_programs, max_new_tokens=args.new_tokens, stop_token_ids=none))
-                r["compiled_batch_s"] = timed(lambda: comp.generate(
-                    b_prompts, b_programs, max_new_tokens=args.new_tokens, stop_token_ids=none))
-                log(f"compiled, {args.programs} programs: {r['compiled_batch_s']:.2f} s warm "
-                    f"({args.programs / r['compiled_batch_s']:.1f} programs/s; cold {r['compiled_batch_cold_s']:.1f} s)")
-            del comp
-        except Exception as err:  # an experiment: report, don't lose the other numbers
-            log(f"compiled fast path failed: {type(err).__name__}: {err}")
+    if args.baseline:  # the fast path as it was: HF layers eager inside the graphs, no fusion
+        base = ProgramRunner(model, max_batch_size=args.programs)
+        base.fast_path = CudaGraphDecoder(base, compile_layers=False, fuse=False)
+        r["baseline_ms"] = per_step_ms(ours(base, full), 1, 65, 3)
+        log(f"baseline fast path (no compile, no fusion): {r['baseline_ms']:.3f} ms/step")
+        del base
     if not args.skip_slow:
         r["generic_ms"] = per_step_ms(ours(generic, full), 1, 9, 1)
         log(f"generic path: {r['generic_ms']:.2f} ms/step")
@@ -216,6 +208,7 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
     warm = mcts_programs(depth, args.programs, seed=100)
     programs = mcts_programs(depth, args.programs, seed=200)
     r["schedule_steps"] = len(build_schedule(programs))
+    r["schedule_steps_greedy_min"] = len(_greedy_min_order(programs))
     before = fast.fast_path.graphs_captured
     r["batch_cold_s"] = timed(lambda: fast.generate(prompts, warm, max_new_tokens=args.new_tokens, stop_token_ids=none))
     r["graphs_cold"] = fast.fast_path.graphs_captured - before
@@ -224,7 +217,8 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
     r["graphs_new_batch"] = fast.fast_path.graphs_captured - before
     r["fast_programs_per_s"] = args.programs / r["batch_s"]
     r["prefill_s"] = timed(lambda: fast.generate(prompts, programs, max_new_tokens=1, stop_token_ids=none))
-    log(f"fast path, {args.programs} programs in one batch ({r['schedule_steps']} schedule steps): "
+    log(f"fast path, {args.programs} programs in one batch ({r['schedule_steps']} schedule steps, "
+        f"greedy-min would take {r['schedule_steps_greedy_min']}): "
         f"{r['batch_s']:.2f} s (prefill+1 token {r['prefill_s']:.2f} s; cold batch {r['batch_cold_s']:.2f} s, "
         f"{r['graphs_cold']} graphs captured; new programs captured {r['graphs_new_batch']})")
     if not args.skip_slow and args.hf_programs > 0:
@@ -273,8 +267,8 @@ def main() -> None:
     parser.add_argument("--short-layers", type=int, default=20, help="layers of the shorter program, per 28 layers of depth")
     parser.add_argument("--hf-programs", type=int, default=2, help="programs timed through HF generate")
     parser.add_argument("--skip-slow", action="store_true", help="skip HF generate and the generic path")
-    parser.add_argument("--compiled", action="store_true", help="also time layers fused by torch.compile (batch 1)")
-    parser.add_argument("--compiled-batch", action="store_true", help="with --compiled: also the 64-program batch")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also time the fast path without torch.compile and fused projections (batch 1)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA device"

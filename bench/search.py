@@ -48,9 +48,11 @@ CONFIG_SHAPES = {
 }
 
 
-def build_runner(model: str, device: str | None, dtype: str | None):
+def build_runner(model: str, device: str | None, dtype: str | None, tokenizer_source: str | None = None):
     """A ``ProgramRunner`` for a real model, or for a random-weight model of a named shape
-    (tokenizer: SmolLM2's, which fits every vocabulary above)."""
+    (tokenizer: SmolLM2's, which fits every vocabulary above, or ``tokenizer_source``: a saved
+    tokenizer folder, for machines without the hub or the SmolLM2 package). On CUDA the
+    random-weight runner takes the CUDA fast path, like ``from_pretrained`` does."""
     from polar.engine import ProgramRunner
 
     if model not in CONFIG_SHAPES:
@@ -58,7 +60,10 @@ def build_runner(model: str, device: str | None, dtype: str | None):
     import transformers
     from polar.loading import load_causal_lm, resolve_device, resolve_dtype
 
-    tokenizer = load_causal_lm("HuggingFaceTB/SmolLM2-135M-Instruct", device="cpu").tokenizer
+    if tokenizer_source:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_source)
+    else:
+        tokenizer = load_causal_lm("HuggingFaceTB/SmolLM2-135M-Instruct", device="cpu").tokenizer
     shape = dict(CONFIG_SHAPES[model])
     config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[shape.pop("arch")]
     config = config_class(**shape, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
@@ -68,7 +73,10 @@ def build_runner(model: str, device: str | None, dtype: str | None):
         hf = transformers.AutoModelForCausalLM.from_config(
             config, dtype=resolve_dtype(dtype, dev), attn_implementation="sdpa"
         ).eval()
-    return ProgramRunner(hf, tokenizer, source=f"random-weight {model}")
+    runner = ProgramRunner(hf, tokenizer, source=f"random-weight {model}")
+    if runner.device.type == "cuda":
+        runner.enable_fast_path()
+    return runner
 
 
 class RecordingScorer:
@@ -130,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"hub id / dir / .gguf, or a random-weight shape: {', '.join(CONFIG_SHAPES)}")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
+    parser.add_argument("--tokenizer", default=None,
+                        help="random-weight shapes: a saved tokenizer folder instead of SmolLM2's")
     parser.add_argument("--questions", type=int, default=8, help="MATH level-1 questions searched together")
     parser.add_argument("--simulations", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=50)
@@ -144,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     from polar.scoring import ProgramScorer
     from polar.search import SearchConfig, search_many
 
-    runner = build_runner(args.model, args.device, args.dtype)
+    runner = build_runner(args.model, args.device, args.dtype, args.tokenizer)
     questions = load_questions("math", difficulty=1, limit=args.questions)
     scorer = ProgramScorer(runner, prompt_style=args.prompt_style, max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size)
@@ -169,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "model": runner.model_name, "num_layers": runner.num_layers, "device": str(runner.device),
         "dtype": str(runner.dtype).replace("torch.", ""), "questions": len(questions),
-        "simulations": args.simulations, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+        "simulations": args.simulations, "fast_path": runner.fast_path is not None, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
         "polar_programs": ours_n, "polar_seconds": round(ours_s, 2), "polar_programs_per_s": round(ours_rate, 3),
         "release_programs": len(pairs), "release_seconds": round(release_s, 2),
         "release_programs_per_s": round(release_rate, 3), "speedup": round(ours_rate / release_rate, 1),

@@ -7,13 +7,20 @@ separate cache entry (the authors' release shares one slot between the two passe
 results depend on the attention backend and on whether a cache is used).
 
 **Schedule.** A batch holds rows with different programs. We merge them into one *schedule*: a
-list of steps ``(layer, rows)``. At each step the next step's layer is the smallest "next layer"
-among rows that still have layers to run, and every row whose next layer it is takes part. For
-programs that stay close to ``0..D-1`` (what search and the predictor produce) this is one sweep
-over the layers, plus one extra step per repeated layer for just the rows that repeat it; the
-weights of each step are read once for all its rows. Each row's k-th program position maps to one
-fixed step for the whole generation, so the KV cache is indexed by *step* (:class:`StepCache`)
-and holds only that step's rows: memory equals the unrolled model's, no more.
+list of steps ``(layer, rows)``; every row whose next program position is that step's layer takes
+part, so the weights of each step are read once for all its rows. Any layer sequence that contains
+every row's program as a subsequence (a *common supersequence*) is a valid schedule, and decode
+time is roughly proportional to its length (a decode step is memory-bound: a step serving one row
+costs nearly as much as one serving all). Finding the shortest is NP-hard, so
+:func:`build_schedule` takes the shorter of two heuristics: *greedy-min* (always run the smallest
+pending layer: one sweep over ``0..D-1`` plus one extra step per repeated layer, optimal when the
+rows' repeats don't overlap) and a *beam search* over merge states that keeps the states with the
+smallest lower bound (longest remaining program, then total remaining work). The beam lets a row
+wait for others that will need the same layer soon instead of running it alone right away; on 64
+MCTS-like programs (1-3 skips/repeats of 1-4-layer blocks, 28 layers) it cuts the schedule from
+~110 to ~77 steps. Each row's k-th program position maps to one fixed step for the whole
+generation, so the KV cache is indexed by *step* (:class:`StepCache`) and holds only that step's
+rows: memory equals the unrolled model's, no more.
 
 The engine calls the model's own decoder-layer modules (attention, MLP, MoE, norms) and only
 replaces the loop around them and the cache object they write into, so one code path serves Llama,
@@ -60,24 +67,91 @@ class Step:
     all_rows: bool  # rows == arange(batch): no gather/scatter needed
 
 
+#: Beam width of the schedule search: ~50 ms of CPU for 64 rows of ~30 layers, small next to the
+#: decode time it saves (each step removed saves one layer per generated token).
+SCHEDULE_BEAM = 64
+
+
+def _greedy_min_order(programs: Sequence[Sequence[int]]) -> list[int]:
+    """Layer order that always runs the smallest pending layer."""
+    cursors = [0] * len(programs)
+    order: list[int] = []
+    while True:
+        pending = [p[c] for p, c in zip(programs, cursors) if c < len(p)]
+        if not pending:
+            return order
+        layer = min(pending)
+        order.append(layer)
+        for r, p in enumerate(programs):
+            if cursors[r] < len(p) and p[cursors[r]] == layer:
+                cursors[r] += 1
+
+
+def _beam_order(programs: Sequence[Sequence[int]], width: int) -> list[int]:
+    """Common supersequence of ``programs`` by beam search over cursor vectors.
+
+    A state is every row's cursor; a move runs one layer for all rows whose next layer it is.
+    States are ranked by a lower bound on the steps still needed (the longest remaining program),
+    then by total remaining work; duplicates (reached by different orders) are merged by a hash
+    of the cursors. Vectorised over states x layers x rows so that 64 rows take tens of ms.
+    """
+    import numpy as np
+
+    rows = len(programs)
+    lengths = np.array([len(p) for p in programs], dtype=np.int64)
+    depth = max(max(p) for p in programs) + 1
+    table = np.full((rows, int(lengths.max()) + 1), -1, dtype=np.int64)
+    for r, p in enumerate(programs):
+        table[r, : len(p)] = p
+    salt = np.random.default_rng(0).integers(1, 1 << 62, rows)
+    cursors = np.zeros((1, rows), dtype=np.int64)
+    history: list[tuple[np.ndarray, np.ndarray]] = []
+    row_index, layers = np.arange(rows)[None, :], np.arange(depth)[None, :, None]
+    while True:
+        remaining = lengths[None, :] - cursors
+        bound = remaining.max(1)
+        if bound.min() == 0:
+            state, order = int(np.argmin(bound)), []
+            for parent, layer in reversed(history):
+                order.append(int(layer[state]))
+                state = int(parent[state])
+            return order[::-1]
+        moves = table[row_index, cursors][:, None, :] == layers  # [states, layers, rows]
+        state_idx, layer_idx = np.nonzero(moves.any(-1))
+        advance = moves[state_idx, layer_idx]
+        left = remaining[state_idx] - advance
+        rank = left.max(1) * (1 << 32) + left.sum(1)
+        digest = ((cursors[state_idx] + advance) * salt).sum(1)
+        ranked = np.lexsort((digest, rank))
+        fresh = np.ones(len(ranked), dtype=bool)
+        fresh[1:] = digest[ranked][1:] != digest[ranked][:-1]
+        keep = ranked[fresh][:width]
+        cursors = cursors[state_idx[keep]] + advance[keep]
+        history.append((state_idx[keep], layer_idx[keep]))
+
+
 def build_schedule(programs: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> list[Step]:
     """Merge per-row programs into shared steps (see module docstring).
 
     Every row advances by one program position in each step it takes part in, so the steps a
     row takes part in, read in order, are exactly its program.
     """
+    programs = [list(p) for p in programs]
+    order = _greedy_min_order(programs)
+    distinct = {tuple(p) for p in programs}
+    if len(distinct) > 1 and len(order) > max(len(p) for p in programs):
+        beam = _beam_order(programs, SCHEDULE_BEAM)
+        if len(beam) < len(order):
+            order = beam
     cursors = [0] * len(programs)
     steps: list[Step] = []
     batch = len(programs)
-    while True:
-        pending = [p[c] for p, c in zip(programs, cursors) if c < len(p)]
-        if not pending:
-            return steps
-        layer = min(pending)
+    for layer in order:
         rows = [r for r, (p, c) in enumerate(zip(programs, cursors)) if c < len(p) and p[c] == layer]
         for r in rows:
             cursors[r] += 1
         steps.append(Step(layer, torch.tensor(rows, dtype=torch.long, device=device), len(rows) == batch))
+    return steps
 
 
 # --------------------------------------------------------------------------- cache

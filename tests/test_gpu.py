@@ -14,7 +14,7 @@ import torch
 
 from conftest import tiny_model
 from polar.cuda_engine import CudaGraphDecoder, bucket_for
-from polar.engine import ProgramRunner
+from polar.engine import ProgramRunner, build_schedule
 from test_engine import random_program, unrolled_copy
 
 D = 6
@@ -64,6 +64,31 @@ def test_step_logits_match_uncached_logits():
         uncached = runner.logits(full, [program])[0, len(prompt) - 1 : -1]
         ours = torch.stack([step[row] for step in fast.last_logits])
         torch.testing.assert_close(ours, uncached, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_fused_projection_layer_matches_the_hf_layer(arch):
+    rng = random.Random()
+    runner = ProgramRunner(tiny_model(arch, seed=rng.randrange(1000)))
+    ids = torch.randint(0, 97, (2, 9))
+    before = runner.logits(ids, [list(range(D))] * 2)
+    fast = CudaGraphDecoder(runner, use_graphs=False, fuse=True)
+    assert fast._fused is not None
+    assert fast.check_fused_layer(runner, fast._fused[0])
+    # re-pointed q/k/v and gate/up weights leave the HF model's own results unchanged
+    torch.testing.assert_close(runner.logits(ids, [list(range(D))] * 2), before, rtol=0, atol=0)
+    prompts, programs = _batch(rng, 5)
+    assert fast.generate_chunk(prompts, programs, 10, set()) == runner._generate_chunk(prompts, programs, 10, set())
+
+
+def test_schedule_lets_rows_wait_to_share_a_repeat():
+    # row 0 repeats 2..4 after 4, row 1 repeats 2..3 after 3: greedy-min would run 2,3 for row 1
+    # alone and then 2,3,4 for row 0 alone (5 extra steps); waiting for row 0 needs 3.
+    programs = [[0, 1, 2, 3, 4, 2, 3, 4, 5], [0, 1, 2, 3, 2, 3, 4, 5]]
+    steps = build_schedule(programs)
+    assert len(steps) == 9
+    for r, program in enumerate(programs):
+        assert [s.layer for s in steps if r in s.rows.tolist()] == program
 
 
 def test_new_programs_reuse_slots_instead_of_allocating():
