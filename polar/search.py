@@ -393,7 +393,6 @@ def summarize(samples: Sequence[dict[str, Any]], num_layers: int) -> dict[str, A
     wrong = [s for s in samples if s.get("initial_score", 0) <= 0]
     shortest = [min(len(p) for p in s["final_valid_transitions"]) for s in samples if s["final_valid_transitions"]]
     evaluated = sum(s.get("search", {}).get("programs_evaluated", 0) for s in samples)
-    seconds = sum(s.get("search", {}).get("seconds", 0.0) for s in samples)
 
     def share(k: int, total: int) -> float | None:
         return round(k / total, 4) if total else None
@@ -409,7 +408,6 @@ def summarize(samples: Sequence[dict[str, Any]], num_layers: int) -> dict[str, A
         "wrong_fixed": share(sum(1 for s in wrong if s["final_valid_transitions"]), len(wrong)),
         "mean_shortest_valid_length": round(sum(shortest) / len(shortest), 3) if shortest else None,
         "programs_evaluated": evaluated,
-        "question_seconds_total": round(seconds, 3),
     }
 
 
@@ -515,6 +513,8 @@ def run_shard(
     }
     done = {s["index"] for s in state["samples"]}
     todo = [k for k in mine if k not in done]
+    if progress is not None and done:
+        progress(len(done), 0)  # a resumed run starts its progress where the last one stopped
     if not todo:
         if not state["complete"]:
             state["complete"] = True
