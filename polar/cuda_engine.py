@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from polar.engine import build_schedule
+from polar.engine import build_schedule, share_groups
 
 if TYPE_CHECKING:
     from polar.engine import ProgramRunner
@@ -506,7 +506,7 @@ class CudaGraphDecoder:
         steps = build_schedule(programs, runner.device)
         hidden = runner._backbone.embed_tokens(ids)
         masks = runner._attention_masks(key_valid, width)
-        hidden = runner._run_layers(hidden, steps, masks, positions, _PrefillWriter(slots))
+        hidden = runner._run_layers(hidden, steps, masks, positions, _PrefillWriter(slots), share=share_groups(token_lists))
         neg = torch.finfo(runner.dtype).min
         ws.hidden.zero_()
         ws.hidden[:batch].copy_(hidden[:, -1:])

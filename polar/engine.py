@@ -203,6 +203,53 @@ class StepCache:
         return self.length
 
 
+class _ShareTracker:
+    """Which rows of a fresh pass still hold identical states (see ``_run_layers``)."""
+
+    def __init__(self, share: list[int]):
+        self.ids = list(share)
+        self._intern: dict[tuple[int, int], int] = {}
+
+    def advance(self, rows: list[int], step: int) -> tuple[list[int], list[int]]:
+        """Representatives of the rows taking part in ``step``, and for each row the position of
+        its representative; then record that these rows took this step."""
+        first: dict[int, int] = {}
+        reps: list[int] = []
+        expand: list[int] = []
+        for r in rows:
+            group = self.ids[r]
+            if group not in first:
+                first[group] = len(reps)
+                reps.append(r)
+            expand.append(first[group])
+        for r in rows:
+            key = (self.ids[r], step)
+            self.ids[r] = self._intern.setdefault(key, len(self._intern) + len(self.ids))
+        return reps, expand
+
+
+class _ExpandingCache:
+    """Wraps a cache during a shared first pass: the layer runs on representatives only, and
+    their k/v are stored once per row. Valid only while the cache is empty before the call
+    (a first pass), so attention needs nothing but the k/v just computed."""
+
+    def __init__(self, inner: Any, expand: torch.Tensor):
+        self.inner, self.expand = inner, expand
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any):
+        self.inner.update(key[self.expand], value[self.expand], *args, **kwargs)
+        return key, value
+
+    def get_seq_length(self, *args: Any) -> int:
+        return 0
+
+
+def share_groups(token_lists: Sequence[Sequence[int]]) -> list[int]:
+    """Group id per row: rows with the same tokens get the same id."""
+    seen: dict[tuple[int, ...], int] = {}
+    return [seen.setdefault(tuple(t), len(seen)) for t in token_lists]
+
+
 # --------------------------------------------------------------------------- runner
 
 
@@ -380,25 +427,45 @@ class ProgramRunner:
         steps: list[Step],
         masks: dict[int | None, torch.Tensor],
         position_ids: torch.Tensor,
-        cache: StepCache | None,
+        cache: Any,
+        share: list[int] | None = None,
     ) -> torch.Tensor:
+        """Run the schedule over ``hidden`` ``[B, T, H]``.
+
+        ``share`` (a full pass over fresh prompts only, e.g. prefill) gives each row a group id;
+        rows with the same id have identical inputs. Rows that also took part in the same steps
+        so far still hold identical states, so each step computes one representative per such
+        group and copies the result (and its KV) to the others: the programs of one question
+        share the prompt and usually their first layers, which are then computed once.
+        """
         cos, sin = self._backbone.rotary_emb(hidden, position_ids)
+        groups = _ShareTracker(share) if share is not None else None
         for s, step in enumerate(steps):
             if len(step.rows) == 0:
                 continue
             mask = masks[self._sliding.get(step.layer)]
-            if step.all_rows:
+            rows, expand, step_cache = step.rows, None, cache
+            if groups is not None:
+                reps, expand = groups.advance(step.rows.tolist(), s)
+                if len(reps) < len(step.rows):
+                    rows = torch.tensor(reps, dtype=torch.long, device=hidden.device)
+                    expand = torch.tensor(expand, dtype=torch.long, device=hidden.device)
+                    step_cache = _ExpandingCache(cache, expand) if cache is not None else None
+                else:
+                    expand = None
+            if step.all_rows and expand is None:
                 h, m, pe, pos = hidden, mask, (cos, sin), position_ids
             else:
-                r = step.rows
-                h, m, pe, pos = hidden[r], mask[r], (cos[r], sin[r]), position_ids[r]
+                h, m, pe, pos = hidden[rows], mask[rows], (cos[rows], sin[rows]), position_ids[rows]
             if cache is not None:
                 cache.current = s
             out = self._layers[step.layer](
                 h, attention_mask=m, position_ids=pos, position_embeddings=pe,
-                **{self._cache_kwarg: cache}, use_cache=cache is not None,
+                **{self._cache_kwarg: step_cache}, use_cache=cache is not None,
             )
             out = out[0] if isinstance(out, tuple) else out
+            if expand is not None:
+                out = out[expand]
             if step.all_rows:
                 hidden = out
             else:
@@ -429,7 +496,8 @@ class ProgramRunner:
         hidden = self._backbone.embed_tokens(input_ids)
         steps = build_schedule(programs, self.device)
         masks = self._attention_masks(attention_mask, input_ids.shape[1])
-        hidden = self._run_layers(hidden, steps, masks, self._positions(attention_mask), None)
+        rows = [tuple((ids * m).tolist()) + tuple(m.tolist()) for ids, m in zip(input_ids, attention_mask)]
+        hidden = self._run_layers(hidden, steps, masks, self._positions(attention_mask), None, share=share_groups(rows))
         return self.model.lm_head(self._backbone.norm(hidden)).float()
 
     @torch.inference_mode()
@@ -501,7 +569,7 @@ class ProgramRunner:
 
         hidden = self._backbone.embed_tokens(ids)
         masks = self._attention_masks(key_valid, ids.shape[1])
-        hidden = self._run_layers(hidden, steps, masks, positions, cache)
+        hidden = self._run_layers(hidden, steps, masks, positions, cache, share=share_groups(token_lists))
         cache.length = ids.shape[1]
         last_pos = positions[:, -1:]
         for t in range(max_new_tokens):

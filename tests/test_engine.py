@@ -89,6 +89,27 @@ def test_heterogeneous_padded_batch_generates_like_each_unrolled_model_alone(arc
         assert gen.layers_executed == len(program)
 
 
+def test_programs_sharing_a_prompt_and_first_layers_equal_each_run_alone():
+    """The shared first pass computes common prefixes once; results must not change."""
+    rng = random.Random()
+    model = tiny_model("qwen2", seed=rng.randrange(1000))
+    runner = ProgramRunner(model)
+    eos = 3
+    runner._stop_ids = {eos}
+    prompt = [rng.randrange(4, 97) for _ in range(7)]
+    other = [rng.randrange(4, 97) for _ in range(4)]
+    programs = [list(range(D)), [0, 1, 2, 2, 3, 4, 5], [0, 1, 2, 4, 5], [0, 1, 1, 2, 3, 4, 5], [0, 1, 2, 4, 5]]
+    prompts = [prompt, prompt, prompt, other, prompt]
+    gens = runner.generate(prompts, programs, max_new_tokens=10)
+    ids = torch.tensor([prompt] * 3)
+    batched = runner.logits(ids, programs[:3])
+    for row, (gen, p, program) in enumerate(zip(gens, prompts, programs)):
+        copy_ = unrolled_copy(model, program)
+        assert gen.token_ids == hf_greedy(copy_, p, 10, eos), f"program {program}"
+        if row < 3:
+            torch.testing.assert_close(batched[row], copy_(input_ids=ids[:1]).logits[0], rtol=1e-4, atol=1e-4)
+
+
 def test_padded_logits_equal_each_row_alone():
     rng = random.Random()
     model = tiny_model("llama", seed=rng.randrange(1000))
