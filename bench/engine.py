@@ -60,14 +60,24 @@ def mcts_like_programs(num_layers: int, count: int, seed: int = 0) -> list[list[
     return programs
 
 
+def _shallow_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A module sharing its weights but with its own submodule table (``copy.copy`` alone would
+    share the table, so replacing a submodule of the copy would change the original)."""
+    clone = copy.copy(module)
+    clone._modules = dict(module._modules)
+    return clone
+
+
 def release_style_generate(model, program: list[int], ids: torch.Tensor, new_tokens: int) -> list[int]:
     """One program through HF generate with the layer list patched (the release's approach)."""
     original_layers, original_depth = model.model.layers, model.config.num_hidden_layers
     original_types = getattr(model.config, "layer_types", None)
-    patched = [copy.copy(original_layers[i]) for i in program]
-    for k, layer in enumerate(patched):  # give each position its own cache slot
-        layer.self_attn = copy.copy(layer.self_attn)
+    patched = []
+    for k, i in enumerate(program):  # give each position its own cache slot (unrolled semantics)
+        layer = _shallow_copy(original_layers[i])
+        layer.self_attn = _shallow_copy(layer.self_attn)
         layer.self_attn.layer_idx = k
+        patched.append(layer)
     model.model.layers = torch.nn.ModuleList(patched)
     model.config.num_hidden_layers = len(program)
     if original_types:
