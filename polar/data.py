@@ -168,16 +168,28 @@ def metadata_num_layers(metadata: dict[str, Any]) -> int | None:
 # --------------------------------------------------------------------------- layout and splits
 
 
-def supervision_path(data_root: str | os.PathLike, model_path: str, difficulty: int) -> Path:
-    """``{data_root}/{model_path}/dart-math-diff-{N}/merged_mcts_samples.json`` (release layout).
+def model_dir_name(model_path: str) -> str:
+    """Directory name for a model under the output root.
 
-    A model given as an absolute local path is placed under ``data_root`` as a relative one, so
-    the data never lands outside the root.
+    Hub ids stay as they are (``meta-llama/Llama-3.2-3B-Instruct`` gives two levels, as in the
+    release). An existing local file (e.g. ``.../SmolLM2-135M-Instruct.Q4_1.gguf``) uses its file
+    name without the extension, and an existing local directory its last component, so outputs
+    never depend on where the user keeps their weights.
     """
+    path = Path(model_path).expanduser()
+    if path.is_file():
+        return path.stem
+    if path.is_dir():
+        return path.resolve().name
+    return model_path.strip("/")
+
+
+def supervision_path(data_root: str | os.PathLike, model_path: str, difficulty: int) -> Path:
+    """``{data_root}/{model}/dart-math-diff-{N}/merged_mcts_samples.json`` (release layout),
+    with ``{model}`` from :func:`model_dir_name` — the same place ``polar search`` writes to."""
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
-    relative = str(model_path).lstrip("/\\")
-    return Path(data_root) / relative / f"dart-math-diff-{difficulty}" / SUPERVISION_FILENAME
+    return Path(data_root) / model_dir_name(model_path) / f"dart-math-diff-{difficulty}" / SUPERVISION_FILENAME
 
 
 def split_samples(

@@ -138,7 +138,7 @@ class Job:
 
     @property
     def model_dir(self) -> str:
-        from polar.search import model_dir_name
+        from polar.data import model_dir_name
 
         return model_dir_name(self.args.model_path)
 

@@ -424,22 +424,6 @@ def summarize(samples: Sequence[dict[str, Any]], num_layers: int) -> dict[str, A
 MERGED_NAME = "merged_mcts_samples.json"
 
 
-def model_dir_name(model_path: str) -> str:
-    """Directory name for a model under the output root.
-
-    Hub ids stay as they are (``meta-llama/Llama-3.2-3B-Instruct`` gives two levels, as in the
-    release). An existing local file (e.g. ``.../SmolLM2-135M-Instruct.Q4_1.gguf``) uses its file
-    name without the extension, and an existing local directory its last component, so outputs
-    never depend on where the user keeps their weights.
-    """
-    path = Path(model_path).expanduser()
-    if path.is_file():
-        return path.stem
-    if path.is_dir():
-        return path.resolve().name
-    return model_path.strip("/")
-
-
 def task_name(dataset: str, target_diff: int | None) -> str:
     """``dart-math-diff-N`` for the DART-Math / MATH question pools (what training reads);
     other datasets use their own name (plus ``-diff-N`` when a level is given)."""

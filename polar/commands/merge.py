@@ -26,7 +26,8 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from polar.commands.search import print_summary
     from polar.errors import DataError
-    from polar.search import merge_shards, model_dir_name, shard_files, task_name
+    from polar.data import model_dir_name
+    from polar.search import merge_shards, shard_files, task_name
 
     task_dir = Path(args.out) / model_dir_name(args.model_path) / task_name(args.dataset, args.target_diff)
     merged = merge_shards(task_dir, args.num_shards)

@@ -107,7 +107,8 @@ def resolve_prompt_style(style: str | None, model_path: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from polar.io import run_metadata
-    from polar.search import SearchConfig, merge_shards, model_dir_name, run_shard, task_name
+    from polar.data import model_dir_name
+    from polar.search import SearchConfig, merge_shards, run_shard, task_name
 
     shard, num_shards = parse_shard(args.shard)
     task_dir = Path(args.out) / model_dir_name(args.model_path) / task_name(args.dataset, args.target_diff)
