@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polar.errors import DataError
+from polar.data import model_dir_name
 from polar.search import (
     MERGED_NAME,
     Node,
@@ -23,7 +24,6 @@ from polar.search import (
     legal_children,
     length_bounds,
     merge_shards,
-    model_dir_name,
     question_search,
     run_shard,
     search_many,

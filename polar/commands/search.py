@@ -61,10 +61,10 @@ def parse_shard(text: str | None, env: dict[str, str] | None = None) -> tuple[in
     """``"i/n"`` -> (i, n); without it, RANK/WORLD_SIZE (set by torchrun) or (0, 1)."""
     env = os.environ if env is None else env
     if text is None:
-        if "RANK" in env and "WORLD_SIZE" in env:
-            text = f"{env['RANK']}/{env['WORLD_SIZE']}"
-        else:
-            return 0, 1
+        from polar.distributed import launch_from_env
+
+        launch = launch_from_env(env)
+        return launch.rank, launch.world_size
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
@@ -106,6 +106,7 @@ def resolve_prompt_style(style: str | None, model_path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from polar.distributed import join_group, leave_group, wait_for_all_ranks
     from polar.io import run_metadata
     from polar.data import model_dir_name
     from polar.search import SearchConfig, merge_shards, run_shard, task_name
@@ -143,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         return scorer, runner.num_layers
 
     state_metadata: dict[str, Any] = {}
+    grouped = args.shard is None and join_group()  # under torchrun: rank 0 merges after a barrier
     mine = sum(1 for k in range(len(questions)) if k % num_shards == shard)
     bar = _ProgressBar(mine, disabled=args.no_progress)
     try:
@@ -154,6 +156,11 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     print(f"shard {shard}/{num_shards}: {len(state['samples'])} of {mine} questions done", file=sys.stderr)
+    if grouped:
+        wait_for_all_ranks()
+        leave_group()
+        if shard != 0:
+            return 0
     merged = merge_shards(task_dir, num_shards)
     if merged is None:
         print(f"waiting for other shards; merge later with: polar merge --out {args.out} "
