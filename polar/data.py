@@ -193,19 +193,25 @@ def supervision_path(data_root: str | os.PathLike, model_path: str, difficulty: 
 
 
 def split_samples(
-    samples: Sequence[Sample], num_samples: int = 500, no_validation: bool = False
+    samples: Sequence[Sample],
+    num_samples: int = 500,
+    no_validation: bool = False,
+    train_size: int = TRAIN_END,
+    val_size: int = VAL_END - TRAIN_END,
 ) -> tuple[list[Sample], list[Sample], list[Sample]]:
     """Reference splits: train [0:1250], val [1250:1500], test [1500:1500+num_samples].
 
     With ``no_validation`` train is [0:1500] and val is empty; test is unchanged.
+    ``train_size`` / ``val_size`` scale the protocol down for small files (e.g. 125 / 25).
     """
-    if num_samples < 0:
-        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    if num_samples < 0 or train_size < 0 or val_size < 0:
+        raise ValueError("split sizes and num_samples must not be negative")
     samples = list(samples)
-    test = samples[VAL_END: VAL_END + num_samples]
+    val_end = train_size + val_size
+    test = samples[val_end: val_end + num_samples]
     if no_validation:
-        return samples[:VAL_END], [], test
-    return samples[:TRAIN_END], samples[TRAIN_END:VAL_END], test
+        return samples[:val_end], [], test
+    return samples[:train_size], samples[train_size:val_end], test
 
 
 # --------------------------------------------------------------------------- summary and saving

@@ -62,6 +62,12 @@ def add_release_arguments(parser: argparse.ArgumentParser) -> None:
     add("--per_sample_weight_normalize", action="store_true")
     add("--max_new_tokens", type=int, default=50)
     add("--num_samples", type=int, default=500, help="test questions per difficulty")
+    add("--split_sizes", default="1250,250", metavar="TRAIN,VAL",
+        help="train and validation questions per difficulty (release: 1250,250; test follows them)")
+    add("--eval_dataset", default=None, metavar="NAME",
+        help="evaluate on a question set of polar.datasets (e.g. asdiv, mawps: out of distribution) "
+             "instead of the test split; every program runs live")
+    add("--eval_limit", type=int, default=None, help="questions of --eval_dataset to use")
     add("--trust_valid_cache", dest="trust_valid_cache", action="store_true", default=True)
     add("--no_trust_valid_cache", dest="trust_valid_cache", action="store_false")
     add("--seg_threshold", type=float, default=0.5)
@@ -155,6 +161,8 @@ class Job:
 
     def eval_path(self) -> Path:
         suffix = "_cache_breakdown" if self.args.eval_cache_breakdown else ""
+        if self.args.eval_dataset:
+            suffix += f"_{self.args.eval_dataset}"
         return Path(self.args.save_dir) / "eval" / self.model_dir / f"eval_{self.output_stem()}{suffix}.json"
 
     @property
@@ -171,7 +179,9 @@ class Job:
         for diff in self.diffs:
             path = supervision_path(self.args.data_root, self.args.model_path, diff)
             samples = load_samples(path)
-            out[diff] = split_samples(samples, num_samples=self.args.num_samples, no_validation=self.args.no_validation)
+            train_size, val_size = parse_split_sizes(self.args.split_sizes)
+            out[diff] = split_samples(samples, num_samples=self.args.num_samples, no_validation=self.args.no_validation,
+                                      train_size=train_size, val_size=val_size)
             train, val, test = out[diff]
             self.log(f"difficulty {diff}: {len(samples)} samples in {path} -> "
                      f"train {len(train)}, validation {len(val)}, test {len(test)}")
@@ -314,6 +324,26 @@ def train_job(job: Job) -> Path:
     return path
 
 
+def parse_split_sizes(text: str) -> tuple[int, int]:
+    """``"1250,250"`` -> (1250, 250)."""
+    try:
+        train, val = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--split_sizes must look like 1250,250 (train,validation), got {text!r}") from None
+    if train < 0 or val < 0:
+        raise ValueError(f"--split_sizes {text}: sizes must not be negative")
+    return train, val
+
+
+def ood_samples(name: str, limit: int | None):
+    """Questions of another set as samples with no cached programs (everything runs live)."""
+    from polar.data import Sample
+    from polar.datasets import load_questions
+
+    return [Sample(index=i, id=q.id, question=q.question, answer=q.answer, valid_paths=[])
+            for i, q in enumerate(load_questions(name, limit=limit))]
+
+
 def eval_job(job: Job, checkpoint: Path | None = None) -> Path:
     """Evaluate a checkpoint on the test split(s); write the report; return its path."""
     from polar.commands.search import parse_shard
@@ -328,7 +358,10 @@ def eval_job(job: Job, checkpoint: Path | None = None) -> Path:
     runner = job.runner
     ckpt = load_checkpoint(path, num_layers=runner.num_layers, device=job.device or "cpu")
     samples, diffs = [], []
-    for diff in job.diffs:
+    if args.eval_dataset:
+        samples = ood_samples(args.eval_dataset, args.eval_limit)
+        diffs = [args.eval_dataset] * len(samples)
+    for diff in [] if args.eval_dataset else job.diffs:
         test = job.splits[diff][2]
         samples.extend(test)
         diffs.extend([diff] * len(test))
@@ -353,6 +386,8 @@ def eval_job(job: Job, checkpoint: Path | None = None) -> Path:
         "seed": args.seed,
         "difficulties": job.diffs,
         "num_samples": args.num_samples,
+        "split_sizes": args.split_sizes,
+        "eval_dataset": args.eval_dataset,
         "trust_valid_cache": args.trust_valid_cache,
         "decode": asdict(decode),
         "training": ckpt.meta.get("training"),

@@ -191,3 +191,23 @@ def test_eval_all_diffs_reports_each_difficulty(tiny_setup):
     assert set(metrics["per_difficulty"]) == {"1", "2", "3", "4", "5"}
     assert metrics["overall"]["num_questions"] == 5
     assert all(m["num_questions"] == 1 for m in metrics["per_difficulty"].values())
+
+
+def test_scaled_down_splits_and_out_of_distribution_eval(tiny_setup, capsys):
+    root, _, _ = tiny_setup
+    tag = ["--run_tag", "small", "--split_sizes", "100,20"]
+    assert run(tiny_setup, *tag) == 0
+    assert "train 100, validation 20, test 4" in capsys.readouterr().out
+    # the same checkpoint on another question set: live only, its own report file
+    assert run(tiny_setup, *tag, "--eval", "--eval_dataset", "mawps", "--eval_limit", "3") == 0
+    (report_path,) = (root / "out" / "eval").rglob("eval_*small_mawps.json")
+    report = json.loads(report_path.read_text())
+    assert set(report["metrics"]["per_difficulty"]) == {"mawps"}
+    assert report["metrics"]["overall"]["num_questions"] == 3
+    assert report["metrics"]["overall"]["cache_hit_rate"] == 0.0
+    assert report["settings"]["eval_dataset"] == "mawps"
+
+
+def test_bad_split_sizes_are_one_line_errors(tiny_setup, capsys):
+    assert run(tiny_setup, "--split_sizes", "12") == 2
+    assert "--split_sizes must look like 1250,250" in capsys.readouterr().err
