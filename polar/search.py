@@ -312,8 +312,12 @@ def search_many(
     max_active: int | None = None,
     on_finished: Callable[[list[dict[str, Any]]], None] | None = None,
     on_round: Callable[[int, int], None] | None = None,
+    deadline: float | None = None,
 ) -> list[dict[str, Any]]:
     """Search every question; return one release-format sample per question, in input order.
+
+    With a ``deadline`` (a ``time.perf_counter()`` value) no question starts after it; the ones
+    in flight finish, and the questions never started are left out of the result.
 
     Up to ``max_active`` questions (default: all) search at once; a finished question's slot is
     refilled from the queue so batches stay full. Each round makes exactly one ``scorer.score``
@@ -328,6 +332,8 @@ def search_many(
     active: dict[int, tuple[Generator, list[int], float]] = {}
 
     def start_next() -> bool:
+        if deadline is not None and time.perf_counter() > deadline:
+            return False
         for index in queue:
             gen = question_search(str(questions[index].id), num_layers, bounds, config)
             active[index] = (gen, next(gen), time.perf_counter())
@@ -475,8 +481,12 @@ def run_shard(
     num_shards: int = 1,
     max_active: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    time_limit: float | None = None,
 ) -> dict[str, Any]:
     """Search this shard's questions, resuming from its file; return the shard's final state.
+
+    ``time_limit`` (seconds): start no question after it (in-flight ones finish); the shard then
+    stays incomplete and a later run resumes it.
 
     ``questions`` is the whole ordered question list; this shard takes indices ``k`` with
     ``k % num_shards == shard``. ``scorer_factory`` returns ``(scorer, num_layers)`` and is only
@@ -523,6 +533,7 @@ def run_shard(
     search_many(
         [questions[k] for k in todo], scorer, num_layers, config, model_name=model_name,
         max_active=max_active, on_finished=save, on_round=progress,
+        deadline=None if time_limit is None else started + time_limit,
     )
     return state
 
@@ -539,11 +550,14 @@ def shard_files(task_dir: Path) -> dict[int, list[Path]]:
     return found
 
 
-def merge_shards(task_dir: Path, num_shards: int | None = None, plots: bool = True) -> tuple[Path, dict[str, Any]] | None:
+def merge_shards(
+    task_dir: Path, num_shards: int | None = None, plots: bool = True, partial: bool = False
+) -> tuple[Path, dict[str, Any]] | None:
     """Join complete shards into ``merged_mcts_samples.json`` + ``summary.json`` + plots.
 
     Returns ``None`` (writing nothing) while some shard is missing or unfinished, so every shard
-    may call it when it ends and the last one to finish writes the merged file.
+    may call it when it ends and the last one to finish writes the merged file. With ``partial``
+    the finished questions of unfinished shards are merged too, and the metadata says so.
     """
     task_dir = Path(task_dir)
     groups = shard_files(task_dir)
@@ -557,11 +571,15 @@ def merge_shards(task_dir: Path, num_shards: int | None = None, plots: bool = Tr
     for shard in range(num_shards):
         path = shard_path(task_dir, shard, num_shards)
         if not path.exists():
+            if partial:
+                continue
             return None
         state = json.loads(path.read_text(encoding="utf-8"))
-        if not state.get("complete"):
+        if not state.get("complete") and not partial:
             return None
         states.append(state)
+    if not states:
+        return None
     keys = {json.dumps(s["resume_key"], sort_keys=True) for s in states}
     if len(keys) > 1:
         raise DataError(f"{task_dir}: shards were written with different settings; cannot merge")
@@ -571,6 +589,9 @@ def merge_shards(task_dir: Path, num_shards: int | None = None, plots: bool = Tr
         num_layers = max((max(p) + 1 for s in samples for p in s["final_valid_transitions"] + s["final_invalid_transitions"]), default=0)
     metadata = next((s["metadata"] for s in states if s.get("metadata")), {})
     metadata = {**metadata, "shards": num_shards}
+    expected = sum(s.get("questions", 0) for s in states)
+    if partial and (len(states) < num_shards or len(samples) < expected):
+        metadata["partial"] = {"questions_done": len(samples), "shards_present": len(states)}
     merged = write_json_atomic(task_dir / MERGED_NAME, {"metadata": metadata, "samples": samples})
 
     summary = summarize(samples, num_layers)

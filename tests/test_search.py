@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import time
 import math
 import random
 from dataclasses import dataclass
@@ -367,6 +368,25 @@ def test_resume_after_crash_loses_nothing_and_redoes_nothing(tmp_path):
         raise AssertionError("nothing left to do, the model must not be loaded")
 
     run_shard(qs, no_scorer, tmp_path / "run", KEY, {}, SMALL, "fake", max_active=2)
+
+
+def test_time_limit_finishes_questions_in_flight_then_merges_what_is_done(tmp_path):
+    qs = questions(6)
+
+    class SlowScorer(HashScorer):
+        def score(self, questions_, programs):
+            time.sleep(0.01)
+            return super().score(questions_, programs)
+
+    state = run_shard(qs, lambda: (SlowScorer(), D), tmp_path, KEY, {"settings": {}}, SMALL, "fake",
+                      max_active=2, time_limit=0.005)
+    assert not state["complete"] and [s["id"] for s in state["samples"]] == ["q0", "q1"]
+    merged, summary = merge_shards(tmp_path, 1, plots=False, partial=True)
+    data = json.loads(merged.read_text())
+    assert summary["questions"] == 2 and data["metadata"]["partial"]["questions_done"] == 2
+    assert merge_shards(tmp_path, 1, plots=False) is None  # not complete: no merge without partial
+    resumed = _run(tmp_path, qs, HashScorer())  # a rerun without the limit continues
+    assert resumed["complete"] and len(resumed["samples"]) == 6
 
 
 def test_resume_with_other_settings_is_a_clear_error(tmp_path):

@@ -53,6 +53,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--shard", default=None, metavar="i/n",
                    help="search shard i of n (default: RANK/WORLD_SIZE from the environment, else 0/1)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--time_limit", type=float, default=None, metavar="SECONDS",
+                   help="start no question after this many seconds; merge what finished (rerun to continue)")
     p.add_argument("--out", required=True, help="output root (like --data_root of training)")
     p.set_defaults(func=run)
 
@@ -151,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         state = run_shard(
             questions, make_scorer, task_dir, resume_key, state_metadata, config, args.model_path,
             shard=shard, num_shards=num_shards, max_active=args.max_active or args.batch_size,
-            progress=bar.update,
+            progress=bar.update, time_limit=args.time_limit,
         )
     finally:
         bar.close()
@@ -161,7 +163,11 @@ def run(args: argparse.Namespace) -> int:
         leave_group()
         if shard != 0:
             return 0
-    merged = merge_shards(task_dir, num_shards)
+    partial = args.time_limit is not None and not state["complete"]
+    if partial:
+        print(f"time limit reached: {len(state['samples'])} of {mine} questions searched; "
+              "rerun the same command without --time_limit to continue", file=sys.stderr)
+    merged = merge_shards(task_dir, num_shards, partial=partial)
     if merged is None:
         print(f"waiting for other shards; merge later with: polar merge --out {args.out} "
               f"--model_path {args.model_path} --dataset {args.dataset} --target_diff {args.target_diff}",
