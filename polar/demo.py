@@ -49,6 +49,16 @@ _OPERANDS = {"add1": (1, 9), "add2": (10, 99)}
 
 # --------------------------------------------------------------------------- configuration
 
+# What was measured before the defaults were chosen (bench/demo_config.py; docs/demo-choice.md).
+CHOICE_MEASUREMENT = (
+    "measured before choosing, SmolLM2 at full depth answered 12/24 and 10/16 of these additions "
+    "through the chat template with lenient extraction, but at most 2/16 on MATH level 1, GSM8K, "
+    "ASDiv, MAWPS and SVAMP (and 0 boxed answers on any of them) under every prompt tried (plain or "
+    "chat, 0 or 4 boxed examples); few-shot examples made every set worse. This is the one setting "
+    "found with room both ways (docs/demo-choice.md in the repository)."
+)
+_CHOICE_FIELDS = ("model_path", "question_set", "prompt_style", "fewshot", "answer_mode")
+
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -62,7 +72,7 @@ class DemoConfig:
     questions the full-depth program is the most frequent target by far, and a predictor that
     only learns to copy it shows nothing. ``learning_rate`` is higher than the release's 1e-4
     because the demo trains for a few hundred steps, not tens of thousands.
-    The sizes fill the 15-minute budget on a 2-core CPU (48 x 21 programs searched,
+    The sizes keep the demo well within 15 minutes on a 2-core CPU (48 x 21 programs searched,
     32 x 6 evaluated) and use 80 of the 81 distinct ``add1`` questions.
     """
 
@@ -261,7 +271,8 @@ class DemoPaths:
 
     @classmethod
     def of(cls, config: DemoConfig) -> "DemoPaths":
-        from polar.search import model_dir_name, task_name
+        from polar.data import model_dir_name
+        from polar.search import task_name
 
         root = Path(config.out)
         task = task_name(config.question_set, config.difficulty)
@@ -552,7 +563,20 @@ def write_plots(paths: DemoPaths, samples: list[dict[str, Any]], report: dict[st
     if search.get("mean_shortest_valid_length") is not None and search.get("oracle_accuracy") is not None:
         points.append({"label": "search oracle (uses gold)", "mean_layers": search["mean_shortest_valid_length"],
                        "accuracy": search["oracle_accuracy"]})
-    plot_accuracy_vs_layers(points, num_layers, paths.root / "accuracy_vs_layers.png")
+    plot_accuracy_vs_layers(_merge_coinciding(points), num_layers, paths.root / "accuracy_vs_layers.png")
+
+
+def _merge_coinciding(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One dot per position: coinciding labels (e.g. a predictor that always picks full depth)
+    are joined with " = " instead of being drawn on top of each other."""
+    merged: dict[tuple[float, float], dict[str, Any]] = {}
+    for point in points:
+        key = (round(float(point["mean_layers"]), 3), round(float(point["accuracy"]), 4))
+        if key in merged:
+            merged[key]["label"] += f" = {point['label']}"
+        else:
+            merged[key] = dict(point)
+    return list(merged.values())
 
 
 # --------------------------------------------------------------------------- report
@@ -597,6 +621,14 @@ def verdict(summary: dict[str, Any]) -> list[str]:
             f"(exact McNemar p = {p1['mcnemar_p_vs_baseline']:.3f}). On {n} questions of a toy set this is "
             "a hint, not a result; rerun with more `--questions` and `--test_questions` before believing it."
         )
+    vote = test["vote_at_k"]
+    shown = "no accuracy difference is shown" if vote["mcnemar_p_vs_baseline"] >= 0.05 else \
+        "a difference on this small toy set, a hint to check at scale, not a result"
+    lines.append(
+        f"- PoLar vote@{vote['k']} vs. full depth: {vote['correct']}/{n} vs. {base['correct']}/{n} "
+        f"(exact McNemar p = {vote['mcnemar_p_vs_baseline']:.2f}: {shown}); it runs {vote['k']} programs per "
+        f"question, {test['mean_layers_all_k']:.0f} layers in all against {summary['num_layers']}."
+    )
     ratio = test["layer_ratio_top1"]
     lines.append(
         f"- Cost: the top-1 programs execute {test['mean_layers_top1']:.1f} of {summary['num_layers']} layers "
@@ -651,6 +683,9 @@ def render_report(config: DemoConfig, summary: dict[str, Any]) -> str:
             f"right on {_pct(chance['some_of_search_tries'])} of questions, and with {k} tries on "
             f"{_pct(chance['some_of_k'])}. Oracle and pass@{k} numbers near these floors are chance, not an effect."
         )
+    default = DemoConfig()
+    if all(getattr(config, f) == getattr(default, f) for f in _CHOICE_FIELDS):
+        lines.append(f"- Why this configuration: {CHOICE_MEASUREMENT}")
     if config.model_path == SMOLLM2:
         lines.append(
             "- SmolLM2-135M-Instruct (as shipped, 4-bit) cannot show the paper's effect on math: with the paper's "

@@ -45,12 +45,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=d.dtype, help="float32, bfloat16, float16 (default: per device)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is faster on a machine whose "
+                        "cores are busy with other jobs)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from polar.demo import DemoConfig, run_demo
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
 
     config = DemoConfig(
         model_path=args.model_path, question_set=args.question_set, difficulty=args.difficulty,
