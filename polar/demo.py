@@ -136,7 +136,7 @@ def arithmetic_questions(name: str, limit: int, seed: int = 0) -> list[Question]
     available = (high - low + 1) ** 2
     if limit > available:
         raise PolarError(f"question set {name!r} has only {available} distinct questions, {limit} were asked for "
-                         "(lower --questions / --test_questions or use --question_set add2)")
+                         "(lower --questions / --test_questions, or pick another --question_set)")
     rng = random.Random(f"polar-demo:{name}:{seed}")
     out: list[Question] = []
     seen: set[tuple[int, int]] = set()
