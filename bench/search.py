@@ -13,7 +13,7 @@ model, prompts, ``max_new_tokens`` and answer checking, in one run:
   the release's semantics, not ours (SPEC 2), so repeat programs may give different text; the
   benchmark measures cost, and reports how many answers agree.
 
-Run ``python bench/search.py --help`` for options; results go to ``docs/performance-search.md``.
+Run ``python bench/search.py --help`` for options; results are recorded in ``docs/performance.md``.
 """
 
 from __future__ import annotations
