@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from polar.distributed import Launch, can_rendezvous, launch_from_env
-from test_search import _search_args, strip_timing, tiny_model_dir  # noqa: F401  (fixture)
+from test_search import _search_args, strip_timing
 
 
 def test_launch_layout_from_the_launcher_environment():
