@@ -81,8 +81,6 @@ def test_eval_without_checkpoint_is_one_line_error(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    pytest.importorskip("polar.data", reason="polar.data (supervision loading) not available yet")
-    pytest.importorskip("polar.engine", reason="polar.engine not available yet")
     root = tmp_path_factory.mktemp("release")
     model_dir = root / "tiny-llama"
     save_tiny_llama(model_dir)
