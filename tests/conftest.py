@@ -51,7 +51,7 @@ def tiny_model(arch: str, seed: int = 0, dtype=torch.float32):
     return model.eval()
 
 
-ARCHS = ["llama", "qwen2", "qwen2_moe", "qwen3"]
+ARCHS = ["llama", "qwen2", "qwen2_moe", "qwen3", "mistral"]
 
 
 @pytest.fixture(params=ARCHS)
