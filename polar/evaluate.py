@@ -67,8 +67,14 @@ def cache_label(sample: Any, program: Sequence[int]) -> bool | None:
 
 def majority_vote(answers: Sequence[str | None]) -> int | None:
     """Index of the program whose answer wins the vote; ties go to the earliest (best-ranked)
-    program. Programs without an answer do not vote; ``None`` when nobody answered."""
-    normalised = [None if a is None else a.strip() for a in answers]
+    program. Programs without an answer do not vote; ``None`` when nobody answered.
+
+    Answers are grouped by :func:`polar.math.normalize_answer` (units, ``\\text{}``, thousands
+    separators, ``x=`` prefixes, choice letters), so ``"1,000"`` and ``"1000"`` vote together.
+    """
+    from polar.math import normalize_answer
+
+    normalised = [None if a is None else normalize_answer(a) for a in answers]
     counts = Counter(a for a in normalised if a is not None)
     if not counts:
         return None

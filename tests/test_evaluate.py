@@ -98,6 +98,12 @@ def test_majority_vote_ties_go_to_higher_ranked():
     assert majority_vote(["2", "1", "1"]) == 1
     assert majority_vote(["5", "4", None]) == 0
     assert majority_vote([None, "3", "4", "4 "]) == 2  # whitespace-normalised; 4 beats 3
+
+
+def test_majority_vote_groups_equivalent_spellings():
+    # "1,000", "1000" and "\\text{1000}" are one answer (3 votes) against two votes for 7
+    assert majority_vote(["7", "1,000", "7", "1000", "\\text{1000}"]) == 1
+    assert majority_vote(["(B)", "A", "B"]) == 0  # choice letters with or without parentheses
     assert majority_vote([None, None]) is None
 
 
