@@ -69,3 +69,31 @@ def leave_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def parse_shard(text: str | None, env: dict[str, str] | None = None) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n); without it, RANK/WORLD_SIZE (set by torchrun) or (0, 1)."""
+    env = os.environ if env is None else env
+    if text is None:
+        launch = launch_from_env(env)
+        return launch.rank, launch.world_size
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like 2/8 (shard 2 of 8), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def default_device(device: str | None) -> str | None:
+    """Under torchrun each rank takes the GPU named by LOCAL_RANK."""
+    if device is not None:
+        return device
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{int(local)}"
+    return None

@@ -190,7 +190,7 @@ class Job:
     @cached_property
     def device(self) -> str | None:
         """The flag, else (under torchrun) the GPU named by LOCAL_RANK."""
-        from polar.commands.search import default_device
+        from polar.distributed import default_device
 
         return default_device(self.args.device)
 
@@ -270,7 +270,7 @@ def train_job(job: Job) -> Path:
     from polar.predictor import checkpoint_files
     from polar.train import TrainingSet, build_examples, cap_examples, check_logging_available, train_predictor
 
-    from polar.commands.search import parse_shard
+    from polar.distributed import parse_shard
 
     args, log = job.args, job.log
     path = job.checkpoint_path()
@@ -346,7 +346,7 @@ def ood_samples(name: str, limit: int | None):
 
 def eval_job(job: Job, checkpoint: Path | None = None) -> Path:
     """Evaluate a checkpoint on the test split(s); write the report; return its path."""
-    from polar.commands.search import parse_shard
+    from polar.distributed import parse_shard
     from polar.evaluate import EvalConfig, format_metrics, run_evaluation, write_report
     from polar.predictor import checkpoint_files, load_checkpoint
     from polar.scoring import ProgramScorer

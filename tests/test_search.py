@@ -442,7 +442,7 @@ def test_output_directory_names(tmp_path):
 
 
 def test_shard_flag_and_torchrun_environment():
-    from polar.commands.search import parse_shard
+    from polar.distributed import parse_shard
 
     assert parse_shard("2/8", {}) == (2, 8)
     assert parse_shard(None, {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}) == (3, 4)

@@ -8,11 +8,12 @@ shardable (``--shard i/n`` or RANK/WORLD_SIZE set by ``torchrun``).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from polar.distributed import default_device, parse_shard
 
 DATASETS = ("dart", "math", "gsm8k", "math500", "asdiv", "mawps", "svamp")
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -57,36 +58,6 @@ def register(subparsers: Any) -> None:
                    help="start no question after this many seconds; merge what finished (rerun to continue)")
     p.add_argument("--out", required=True, help="output root (like --data_root of training)")
     p.set_defaults(func=run)
-
-
-def parse_shard(text: str | None, env: dict[str, str] | None = None) -> tuple[int, int]:
-    """``"i/n"`` -> (i, n); without it, RANK/WORLD_SIZE (set by torchrun) or (0, 1)."""
-    env = os.environ if env is None else env
-    if text is None:
-        from polar.distributed import launch_from_env
-
-        launch = launch_from_env(env)
-        return launch.rank, launch.world_size
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard must look like 2/8 (shard 2 of 8), got {text!r}") from None
-    if n < 1 or not 0 <= i < n:
-        raise ValueError(f"--shard {text}: need 0 <= i < n")
-    return i, n
-
-
-def default_device(device: str | None) -> str | None:
-    """Under torchrun each rank takes the GPU named by LOCAL_RANK."""
-    if device is not None:
-        return device
-    local = os.environ.get("LOCAL_RANK")
-    if local is not None:
-        import torch
-
-        if torch.cuda.is_available():
-            return f"cuda:{int(local)}"
-    return None
 
 
 def load_question_list(dataset: str, target_diff: int | None, offset: int, limit: int | None) -> list[Any]:
