@@ -37,7 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from polar.cuda_engine import CudaGraphDecoder  # noqa: E402
-from polar.engine import ProgramRunner, _greedy_min_order, build_schedule  # noqa: E402
+from polar.engine import ProgramRunner  # noqa: E402
+from polar.schedule import build_schedule, greedy_min_order  # noqa: E402
 
 
 def model_config(name: str) -> Any:
@@ -207,7 +208,7 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
     prompts = [torch.randint(100, vocab, (args.prompt_len,), generator=gen).tolist() for _ in range(args.programs)]
     programs = mcts_programs(depth, args.programs, seed=200)
     r["schedule_steps"] = len(build_schedule(programs))
-    r["schedule_steps_greedy_min"] = len(_greedy_min_order(programs))
+    r["schedule_steps_greedy_min"] = len(greedy_min_order(programs))
     before = fast.fast_path.graphs_captured
     r["batch_cold_s"] = timed(lambda: fast.generate(prompts, mcts_programs(depth, args.programs, seed=100),
                                                     max_new_tokens=args.new_tokens, stop_token_ids=none))

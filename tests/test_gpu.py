@@ -14,7 +14,8 @@ import torch
 
 from conftest import tiny_model
 from polar.cuda_engine import CudaGraphDecoder, bucket_for
-from polar.engine import ProgramRunner, build_schedule
+from polar.engine import ProgramRunner
+from polar.schedule import build_schedule
 from test_engine import random_program, unrolled_copy
 
 D = 6
