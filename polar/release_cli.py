@@ -139,6 +139,7 @@ class Job:
         self.args = args
         self.log = log
         self.diffs = list(DIFFICULTIES) if args.eval_all_diffs else [args.target_diff]
+        self.supervision_metadata: dict[Path, dict] = {}  # filled as the splits are read
 
     # ---- names
 
@@ -173,12 +174,12 @@ class Job:
 
     @cached_property
     def splits(self) -> dict[int, tuple[list, list, list]]:
-        from polar.data import load_samples, split_samples, supervision_path
+        from polar.data import load_samples_with_metadata, split_samples, supervision_path
 
         out = {}
         for diff in self.diffs:
             path = supervision_path(self.args.data_root, self.args.model_path, diff)
-            samples = load_samples(path)
+            samples, self.supervision_metadata[path] = load_samples_with_metadata(path)
             train_size, val_size = parse_split_sizes(self.args.split_sizes)
             out[diff] = split_samples(samples, num_samples=self.args.num_samples, no_validation=self.args.no_validation,
                                       train_size=train_size, val_size=val_size)
@@ -226,19 +227,15 @@ class Job:
         return int(config.num_hidden_layers)
 
     def prompt_style(self, checkpoint_meta: dict | None = None) -> str:
-        if self.args.prompt_style:
-            return self.args.prompt_style
-        if checkpoint_meta and checkpoint_meta.get("prompt_style"):
-            return checkpoint_meta["prompt_style"]
-        from polar.prompts import default_prompt_style
+        """The flag, else the style the inputs recorded (checkpoint for evaluation, supervision
+        files for training), else the model's default: search and evaluation agree by default."""
+        from polar.prompts import choose_prompt_style, recorded_prompt_style
 
-        model_type = getattr(self.model_config, "model_type", None)
-        named = default_prompt_style(self.args.model_path, model_type, tokenizer=None)
-        if "runner" not in self.__dict__ and named == "plain" and model_type != "llama" \
-                and "llama" not in str(self.args.model_path).lower():
-            return default_prompt_style(self.args.model_path, model_type, self.runner.tokenizer)
-        tokenizer = self.runner.tokenizer if "runner" in self.__dict__ else None
-        return default_prompt_style(self.args.model_path, model_type, tokenizer) if tokenizer else named
+        if checkpoint_meta is not None:
+            recorded = [("checkpoint", recorded_prompt_style(checkpoint_meta))]
+        else:
+            recorded = [(str(path), recorded_prompt_style(meta)) for path, meta in self.supervision_metadata.items()]
+        return choose_prompt_style(self.args.prompt_style, recorded, self.args.model_path)
 
     def encode(self, encoder_spec, texts: list[str]):
         from polar.encoders import build_encoder, encode_cached

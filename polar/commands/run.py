@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from polar.engine import ProgramRunner
     from polar.math import extract_answer
     from polar.programs import format_program, parse_program
-    from polar.prompts import default_prompt_style, format_prompt
+    from polar.prompts import completion_answer_text, default_prompt_style, format_prompt
 
     checkpoint_info = None
     model_path = args.model_path
@@ -44,9 +44,7 @@ def run(args: argparse.Namespace) -> int:
     runner = ProgramRunner.from_pretrained(
         model_path, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
     )
-    style = args.prompt_style or (checkpoint_info or {}).get("prompt_style") or default_prompt_style(
-        model_path, getattr(runner.config, "model_type", None)
-    )
+    style = args.prompt_style or (checkpoint_info or {}).get("prompt_style") or default_prompt_style(model_path)
     if args.checkpoint:
         from polar.predictor import predict_programs
 
@@ -58,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     gen = runner.generate([prompt], [program], max_new_tokens=args.max_new_tokens)[0]
     seconds = time.perf_counter() - start
-    answer = extract_answer(gen.text, args.answer_mode)
+    answer = extract_answer(gen.text if style == "raw" else completion_answer_text(gen.text, style), args.answer_mode)
     print(gen.text.strip())
     print(f"answer: {answer if answer is not None else '(none found)'}")
     print(f"program: {format_program(program)}  ({len(program)} of {runner.num_layers} layers)")
