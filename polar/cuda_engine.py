@@ -444,6 +444,11 @@ class CudaGraphDecoder:
                 return False
         return True
 
+    @property
+    def fused(self) -> bool:
+        """Whether decode runs the fused-projection layer (else the model's own HF layer)."""
+        return self._fused is not None
+
     # ---- public entry point (called by ProgramRunner._generate_chunk)
 
     @torch.inference_mode()

@@ -182,6 +182,7 @@ def cached_entries(runner: "ProgramRunner", cache: PromptCache, token_lists: Seq
     """Each row's prompt-cache entry, computing the prompts not yet cached (None: no room)."""
     keys = [tuple(t) for t in token_lists]
     distinct = list(dict.fromkeys(keys))
+    cache.begin_batch()
     todo: list[tuple[int, ...]] = []
     for key in distinct:
         if cache.lookup(key) is None and cache.reserve(key, pinned=distinct) is not None:

@@ -13,8 +13,11 @@ Storage: one *pool* per width class (a power-of-two multiple of 64 tokens), hold
 right-aligned in ``width`` columns, as the engines left-pad prompts; the tensors are
 ``keys/values [D, capacity, Hkv, width, d]`` and ``hidden [D + 1, capacity, width, H]``, so a
 batch gathers any rows' states with one ``index_select`` per pool. Pools grow by doubling within
-a byte budget; beyond it the least recently used entries not pinned by the current batch are
-evicted (an evicted prompt is simply recomputed when it comes back). Results never depend on
+a byte budget; beyond it an entry idle for :data:`MAX_IDLE` or more batches is evicted, least
+recently used first, and otherwise the new prompt is simply not cached (its rows prefill from
+scratch). Evicting only idle entries matters for search: every round touches every question in
+flight once, so plain LRU over more questions than fit would evict each entry just before its
+next use and cache nothing. Results never depend on
 whether a state came from here: the same layers compute the same values (up to the floating-point
 effect of batch shapes on kernel choice, as for any batching).
 """
@@ -29,6 +32,9 @@ import torch
 
 #: Narrowest width class, in tokens.
 MIN_WIDTH = 64
+
+#: Batches an entry must go unused before it may be evicted for a new prompt.
+MAX_IDLE = 8
 
 
 def width_class(length: int) -> int:
@@ -72,6 +78,8 @@ class PromptCache:
         self.pools: dict[int, Pool] = {}
         self._entries: OrderedDict[tuple[int, ...], Entry] = OrderedDict()  # LRU order, oldest first
         self._ready: set[tuple[int, ...]] = set()
+        self._last_used: dict[tuple[int, ...], int] = {}
+        self.clock = 0  # batches seen (see begin_batch)
         self.hits = self.misses = self.evictions = self.refused = 0
 
     # ---- sizes
@@ -90,6 +98,10 @@ class PromptCache:
 
     # ---- lookup and reservation
 
+    def begin_batch(self) -> None:
+        """Count one batch (the unit of idleness for eviction)."""
+        self.clock += 1
+
     def lookup(self, tokens: tuple[int, ...]) -> Entry | None:
         """The entry of a prompt whose states are computed, or None (counts a hit or a miss)."""
         entry = self._entries.get(tokens)
@@ -97,6 +109,7 @@ class PromptCache:
             self.misses += 1
             return None
         self._entries.move_to_end(tokens)
+        self._last_used[tokens] = self.clock
         self.hits += 1
         return entry
 
@@ -113,6 +126,7 @@ class PromptCache:
             return None
         entry = Entry(pool, pool.free.pop(), len(tokens))
         self._entries[tokens] = entry
+        self._last_used[tokens] = self.clock
         return entry
 
     def get(self, tokens: tuple[int, ...]) -> Entry | None:
@@ -126,6 +140,7 @@ class PromptCache:
         """Forget a prompt (its slot becomes free)."""
         entry = self._entries.pop(tokens, None)
         self._ready.discard(tokens)
+        self._last_used.pop(tokens, None)
         if entry is not None:
             entry.pool.free.append(entry.slot)
 
@@ -133,6 +148,7 @@ class PromptCache:
         """Drop every entry and free the pools' memory."""
         self._entries.clear()
         self._ready.clear()
+        self._last_used.clear()
         self.pools.clear()
 
     # ---- pools
@@ -143,9 +159,10 @@ class PromptCache:
             return pool
         if self._grow(width):
             return self.pools[width]
-        # evict least recently used entries of this width that the current batch does not use
+        # evict the least recently used idle entry of this width (never one this batch uses)
         for tokens, entry in list(self._entries.items()):
-            if entry.pool.width == width and tokens not in pinned:
+            idle = self.clock - self._last_used.get(tokens, 0) >= MAX_IDLE
+            if entry.pool.width == width and tokens not in pinned and idle:
                 self.discard(tokens)
                 self.evictions += 1
                 return entry.pool

@@ -14,8 +14,9 @@ sum; a wrong answer can cost milliseconds in ``math-verify``, and a search round
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,6 +39,8 @@ class Outcome:
     answer: str | None
     text: str
     layers_executed: int
+    tokens: int = field(default=0, compare=False)  # new tokens generated (a stop token ends early)
+    stopped: bool = field(default=False, compare=False)  # a stop token ended it
 
 
 class ProgramScorer:
@@ -77,6 +80,8 @@ class ProgramScorer:
         self._prompts: dict[tuple[str, str], tuple[str, int]] = {}
         self.generate_calls = 0
         self.pairs_scored = 0
+        # seconds spent generating, and waiting for answer checks after the last chunk
+        self.seconds = {"generate": 0.0, "judge_wait": 0.0}
 
     # ------------------------------------------------------------------ public API
 
@@ -122,17 +127,21 @@ class ProgramScorer:
         results: list[Outcome | None] = [None] * len(keys)
         pending: list[tuple[list[int], Callable[[], list[Outcome]]]] = []
         for chunk in chunks:
+            started = time.perf_counter()
             gens = self.runner.generate(
                 [keys[k][0] for k in chunk],
                 [list(keys[k][2]) for k in chunk],
                 max_new_tokens=self.max_new_tokens,
                 batch_size=len(chunk),
             )
+            self.seconds["generate"] += time.perf_counter() - started
             self.generate_calls += 1
             pending.append((chunk, self._judge(gens, [keys[k][1] for k in chunk])))
+        started = time.perf_counter()
         for chunk, outcomes in pending:
             for k, outcome in zip(chunk, outcomes()):
                 results[k] = outcome
+        self.seconds["judge_wait"] += time.perf_counter() - started
         self.pairs_scored += len(keys)
         return [results[slot] for slot in slot_of]  # type: ignore[misc]
 
@@ -197,7 +206,8 @@ def judge_texts(texts: Sequence[str], golds: Sequence[str], prompt_style: str, a
 
 def _outcomes(gens: Sequence[Any], verdicts: Sequence[tuple[str | None, bool]]) -> list[Outcome]:
     return [
-        Outcome(correct=bool(ok), answer=answer, text=g.text, layers_executed=int(g.layers_executed))
+        Outcome(correct=bool(ok), answer=answer, text=g.text, layers_executed=int(g.layers_executed),
+                tokens=len(g.token_ids), stopped=bool(getattr(g, "stopped", False)))
         for g, (answer, ok) in zip(gens, verdicts)
     ]
 
