@@ -216,12 +216,15 @@ def _fused_layer(
     layer: torch.nn.Module, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None, gate_up_weight: torch.Tensor,
     gate_up_bias: torch.Tensor | None, split: tuple[int, int, int], h: torch.Tensor, mask: torch.Tensor,
     pe: tuple[torch.Tensor, torch.Tensor], column: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step of a Llama-family layer with fused projections, writing k/v at ``column``
     of the slot buffers. Checked against the HF layer in the tests and once per decoder.
 
-    The fused weights come as plain tensors (not a dataclass), so that torch.compile treats them
-    as graph inputs and every layer shares one compiled graph."""
+    Attention: with ``start`` (each row's first valid column), the Triton kernel of
+    :mod:`polar.decode_attention` reads only columns ``start .. column``; otherwise masked SDPA
+    over the whole buffer. The fused weights come as plain tensors (not a dataclass), so that
+    torch.compile treats them as graph inputs and every layer shares one compiled graph."""
     attn, mlp = layer.self_attn, layer.mlp
     b, d = h.shape[0], keys.shape[-1]
     x = layer.input_layernorm(h)
@@ -235,7 +238,10 @@ def _fused_layer(
     keys.index_copy_(2, column, k.to(keys.dtype))
     values.index_copy_(2, column, v.transpose(1, 2).to(values.dtype))
     scaling = getattr(attn, "scaling", d ** -0.5)
-    out, _ = _static_kv_attention(attn, q, keys, values, mask, scaling=scaling)
+    if start is not None:
+        out = torch.ops.polar.decode_attention(q[:, :, 0], keys, values, start, column, float(scaling))[:, None]
+    else:
+        out, _ = _static_kv_attention(attn, q, keys, values, mask, scaling=scaling)
     h = h + attn.o_proj(out.reshape(b, 1, -1))
     x = layer.post_attention_layernorm(h)
     gate, up = F.linear(x, gate_up_weight, gate_up_bias).chunk(2, dim=-1)
@@ -249,6 +255,17 @@ def _head_math(
     logits = lm_head(norm(h))[:, -1]
     tokens = logits.argmax(-1)
     return logits, tokens, embed(tokens)[:, None]
+
+
+def _dynamic_rows(*tensors: torch.Tensor) -> None:
+    """Tell torch.compile that the row count (dim 0) and the KV capacity vary, so one compiled
+    graph serves every bucket above one row and every prompt width (batch 1 keeps its own,
+    specialised graph: it is the latency case)."""
+    for t in tensors:
+        if t.shape[0] > 1:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        if t.dim() == 4:  # mask [rows, 1, 1, Tcap] and KV [rows, Hkv, Tcap, d]
+            torch._dynamo.maybe_mark_dynamic(t, 3 if t.shape[1] == 1 and t.shape[2] == 1 else 2)
 
 
 # --------------------------------------------------------------------------- workspace
@@ -302,6 +319,8 @@ class _Workspace:
         cos, sin = runner._backbone.rotary_emb(self.hidden, self.positions)
         self.cos, self.sin = cos.clone(), sin.clone()
         self.column = torch.zeros(1, device=device, dtype=torch.long)
+        # first valid KV column of each row (past the last column: the row attends to nothing)
+        self.start = torch.full((rows,), tcap, device=device, dtype=torch.int32)
         self.slots: dict[tuple[int, int, bool], list[_Slot]] = {}
         self.heads: dict[tuple[int, bool], _Head] = {}
         # whole-token graphs (head + every active step), keyed by the units they run
@@ -309,7 +328,7 @@ class _Workspace:
 
     def state(self) -> list[torch.Tensor]:
         """Tensors a graph's warm-up run modifies, to be restored before capture."""
-        return [self.hidden, self.mask, self.positions, self.cos, self.sin, self.column]
+        return [self.hidden, self.mask, self.positions, self.cos, self.sin, self.column, self.start]
 
     def idle_slots(self) -> list[_Slot]:
         return [slot for pool in self.slots.values() for slot in pool if not slot.in_use]
@@ -342,7 +361,7 @@ class CudaGraphDecoder:
     def __init__(
         self, runner: "ProgramRunner", use_graphs: bool | None = None, max_workspaces: int = 4,
         compile_layers: bool | None = None, fuse: bool | None = None, token_graphs: bool | None = None,
-        token_graph_rows: int = 8,
+        token_graph_rows: int = 8, triton_attention: bool | None = None,
     ):
         _register_attention()
         self.runner = runner
@@ -360,6 +379,7 @@ class CudaGraphDecoder:
         self.graphs_captured = 0
         self.slots_created = 0
         self.compactions = 0
+        self.capture_seconds = 0.0  # warm-ups (compiles included) and captures
         self.token_graphs = self.use_graphs if token_graphs is None else bool(token_graphs)
         self.token_graph_rows = token_graph_rows
         # Fused q/k/v and gate/up projections for Llama-family layers (default: with graphs).
@@ -383,9 +403,23 @@ class CudaGraphDecoder:
             self._call_layer = torch.compile(_call_layer)
             self._fused_layer = torch.compile(_fused_layer)
             self._head_math = torch.compile(_head_math)
+        # Decode attention that reads only valid KV columns (Triton), with fused layers on CUDA;
+        # checked against the plain-PyTorch statement of the same function before use.
+        self.triton_attention = False
+        if self._fused is not None and runner.device.type == "cuda" and triton_attention is not False:
+            self.triton_attention = self._check_triton_attention()
         if self.use_graphs:
             self._pool = torch.cuda.graph_pool_handle()
             self._stream = torch.cuda.Stream(device=runner.device)
+            # A private graph pool is freed when its last graph is, and capturing into a freed
+            # pool fails; this small graph keeps it alive while workspaces come and go.
+            self._anchor_tensor = torch.zeros(1, device=runner.device)
+            self._anchor = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(self._stream):
+                self._anchor.capture_begin(pool=self._pool)
+                self._anchor_tensor.add_(1)
+                self._anchor.capture_end()
+            torch.cuda.current_stream().wait_stream(self._stream)
 
     def _fuse_layers(self) -> list[_FusedWeights] | None:
         """Fused projections for every layer, or None where the architecture isn't covered or the
@@ -442,6 +476,35 @@ class CudaGraphDecoder:
             attn = getattr(layer, "self_attn", None)
             if attn is None or not hasattr(attn, "config") or hasattr(getattr(layer, "mlp", None), "experts"):
                 return False
+        return True
+
+    @torch.inference_mode()
+    def _check_triton_attention(self) -> bool:
+        """Whether the Triton decode attention runs here and agrees with its reference."""
+        from polar import decode_attention as da
+
+        config = self.runner.config
+        heads = int(config.num_attention_heads)
+        if da.operator() is None or not da.supported(self._head_dim, heads, self._kv_heads):
+            return False
+        device, dtype = self.runner.device, self.runner.dtype
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        try:
+            for rows, tcap in ((1, 384), (5, 128)):
+                q = torch.randn(rows, heads, self._head_dim, generator=gen).to(device, dtype)
+                kv = torch.randn(2, rows, self._kv_heads, tcap, self._head_dim, generator=gen).to(device, dtype)
+                start = torch.randint(0, tcap // 2, (rows,), generator=gen).to(device, torch.int32)
+                column = torch.tensor([tcap - 3], device=device)
+                ours = torch.ops.polar.decode_attention(q, kv[0], kv[1], start, column, self._head_dim ** -0.5)
+                ref = da.decode_attention_reference(q, kv[0], kv[1], start, column, self._head_dim ** -0.5)
+                tol = 1e-4 if dtype == torch.float32 else 2e-2
+                if float((ours.float() - ref.float()).abs().max()) > tol * (float(ref.float().abs().max()) + 1e-6):
+                    return False
+        except Exception as err:  # no usable Triton on this device: masked SDPA it is
+            import sys
+
+            print(f"polar: Triton decode attention unavailable ({type(err).__name__}); using SDPA", file=sys.stderr)
+            return False
         return True
 
     @property
@@ -604,6 +667,8 @@ class CudaGraphDecoder:
         ws.mask[:batch, 0, 0, :width].masked_fill_(valid, 0.0)
         ws.positions.zero_()
         ws.positions[:batch, 0].copy_(lengths - 1)
+        ws.start.fill_(ws.tcap)
+        ws.start[:batch].copy_(width - lengths)
         ws.column.fill_(width - 1)
 
     # ---- decode
@@ -704,15 +769,19 @@ class CudaGraphDecoder:
         runner = self.runner
         if slot.dense:
             n = slot.bucket
-            h, m, pos = ws.hidden[:n], ws.mask[:n], ws.positions[:n]
+            h, m, pos, start = ws.hidden[:n], ws.mask[:n], ws.positions[:n], ws.start[:n]
             pe = (ws.cos[:n], ws.sin[:n])
         else:
             idx = slot.rows
             h, m, pos = ws.hidden.index_select(0, idx), ws.mask.index_select(0, idx), ws.positions.index_select(0, idx)
             pe = (ws.cos.index_select(0, idx), ws.sin.index_select(0, idx))
+            start = ws.start.index_select(0, idx)
         layer = runner._layers[slot.layer]
         if self._fused is not None:
-            out = self._fused_layer(layer, *self._fused[slot.layer].args(), h, m, pe, ws.column, slot.keys, slot.values)
+            if self.compiled:
+                _dynamic_rows(h, m, pe[0], pe[1], slot.keys, slot.values, start)
+            out = self._fused_layer(layer, *self._fused[slot.layer].args(), h, m, pe, ws.column, slot.keys, slot.values,
+                                    start if self.triton_attention else None)
         else:
             cache = _SlotWriter(ws.column, slot.keys, slot.values)
             out = self._call_layer(layer, h, m, pos, pe, {runner._cache_kwarg: cache})
@@ -726,6 +795,8 @@ class CudaGraphDecoder:
         runner = self.runner
         backbone = runner._backbone
         h = ws.hidden[: head.bucket] if head.dense else ws.hidden.index_select(0, head.rows)
+        if self.compiled:
+            _dynamic_rows(h)
         logits, tokens, embedded = self._head_math(backbone.norm, runner.model.lm_head, backbone.embed_tokens, h)
         head.logits.copy_(logits)
         head.tokens.copy_(tokens)
@@ -777,6 +848,9 @@ class CudaGraphDecoder:
         """Warm up ``fn`` on a side stream (first-use allocations, library handles, compiles),
         undo its effect on the workspace, then record it into a graph sharing one memory pool:
         every graph writes its results into static buffers, so their intermediates never overlap."""
+        import time
+
+        began = time.perf_counter()
         saved = [t.clone() for t in ws.state()]
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream())
@@ -795,6 +869,7 @@ class CudaGraphDecoder:
                 graph.capture_end()
         torch.cuda.current_stream().wait_stream(stream)
         self.graphs_captured += 1
+        self.capture_seconds += time.perf_counter() - began
         return graph
 
     @contextmanager

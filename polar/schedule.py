@@ -54,6 +54,9 @@ SCHEDULE_BEAM = 64
 #: states x layers x rows); the sweep and greedy-min heuristics remain.
 BEAM_MAX_ROWS = 128
 
+#: Above this many rows greedy-min (steps x rows of host work) is skipped: sweeps beat it there.
+GREEDY_MAX_ROWS = 256
+
 
 def greedy_min_order(programs: Sequence[Sequence[int]]) -> list[int]:
     """Layer order that always runs the smallest pending layer."""
@@ -134,22 +137,30 @@ def build_schedule(programs: Sequence[Sequence[int]], device: torch.device | str
     Every row advances by one program position in each step it takes part in, so the steps a
     row takes part in, read in order, are exactly its program.
     """
+    import numpy as np
+
     programs = [list(p) for p in programs]
-    order = min(greedy_min_order(programs), sweep_order(programs), key=len)
+    order = sweep_order(programs)
+    if len(programs) <= GREEDY_MAX_ROWS:
+        order = min(order, greedy_min_order(programs), key=len)
     distinct = {tuple(p) for p in programs}
     if 1 < len(distinct) and len(programs) <= BEAM_MAX_ROWS and len(order) > max(len(p) for p in programs):
         beam = beam_order(programs, SCHEDULE_BEAM)
         if len(beam) < len(order):
             order = beam
-    cursors = [0] * len(programs)
-    steps: list[Step] = []
     batch = len(programs)
+    lengths = np.array([len(p) for p in programs], dtype=np.int64)
+    table = np.full((batch, int(lengths.max()) + 1), -1, dtype=np.int64)  # a -1 past every end
+    for r, p in enumerate(programs):
+        table[r, : len(p)] = p
+    cursors = np.zeros(batch, dtype=np.int64)
+    steps: list[Step] = []
+    every = np.arange(batch)
     for layer in order:
-        rows = [r for r, (p, c) in enumerate(zip(programs, cursors)) if c < len(p) and p[c] == layer]
-        positions = tuple(cursors[r] for r in rows)
-        for r in rows:
-            cursors[r] += 1
-        steps.append(Step(layer, torch.tensor(rows, dtype=torch.long), len(rows) == batch, tuple(rows), positions))
+        rows = np.nonzero(table[every, cursors] == layer)[0]
+        members, positions = tuple(rows.tolist()), tuple(cursors[rows].tolist())
+        cursors[rows] += 1
+        steps.append(Step(layer, torch.from_numpy(rows.copy()), len(members) == batch, members, positions))
     return rows_on_device(steps, device)
 
 
