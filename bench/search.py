@@ -62,7 +62,7 @@ def build_runner(model: str, device: str | None, dtype: str | None, tokenizer_so
     from polar.loading import load_causal_lm, resolve_device, resolve_dtype
 
     if tokenizer_source:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_source)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=False)
     else:
         tokenizer = load_causal_lm("HuggingFaceTB/SmolLM2-135M-Instruct", device="cpu").tokenizer
     shape = dict(CONFIG_SHAPES[model])

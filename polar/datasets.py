@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from polar.dart_pool import DART_HUB_ID, DART_SAMPLE_SIZE, PoolUnavailable, is_local_pool, load_pool_questions
-from polar.errors import DataError, PolarError
+from polar.errors import DataError, PolarError, check_text
 from polar.math import extract_boxed
 
 logger = logging.getLogger(__name__)
@@ -68,9 +68,14 @@ def _read_jsonl(path: Path) -> tuple[dict[str, Any], ...]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}: line {line_no}: invalid JSON ({err.msg})") from None
+            if isinstance(row, dict):  # a lone surrogate would break the tokenizer, far from here
+                for key, value in row.items():
+                    if isinstance(value, str):
+                        check_text(value, f"{path}: line {line_no}: field {key!r}")
+            rows.append(row)
     return tuple(rows)
 
 

@@ -109,6 +109,8 @@ def add_release_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluate question shard i of n (default: RANK/WORLD_SIZE from torchrun, else 0/1); "
                              "the last shard to finish writes the merged report")
     extras.add_argument("--eval_batch_size", type=int, default=64, help="sequences per engine call")
+    extras.add_argument("--trust_remote_code", action="store_true",
+                        help="allow the base model's and the encoder's own Python code to run (off by default)")
     extras.add_argument("--tensorboard_dir", default=None)
     extras.add_argument("--no_progress", action="store_true", help="no progress bars")
 
@@ -201,20 +203,31 @@ class Job:
 
         self.log(f"loading {self.args.model_path} ...")
         return ProgramRunner.from_pretrained(
-            self.args.model_path, device=self.device, dtype=self.args.dtype, cache_dir=self.args.hf_cache_dir
+            self.args.model_path, device=self.device, dtype=self.args.dtype, cache_dir=self.args.hf_cache_dir,
+            trust_remote_code=self.trust_remote_code,
         )
+
+    @property
+    def trust_remote_code(self) -> bool:
+        return bool(getattr(self.args, "trust_remote_code", False))
 
     @cached_property
     def model_config(self):
         """The base model's config when readable without loading weights or the network."""
         if "runner" in self.__dict__:
             return self.runner.model.config
+        from polar.model_files import check_model_folder, local_model_path
+
+        local = local_model_path(str(self.args.model_path), "model")
+        if local is not None:  # refuse custom code, pickle, damaged files before reading anything
+            check_model_folder(local, "model", self.trust_remote_code)
         if not str(self.args.model_path).endswith(".gguf"):
             try:
                 from transformers import AutoConfig
 
                 return AutoConfig.from_pretrained(
-                    self.args.model_path, cache_dir=self.args.hf_cache_dir, local_files_only=True
+                    self.args.model_path, cache_dir=self.args.hf_cache_dir, local_files_only=True,
+                    trust_remote_code=self.trust_remote_code,
                 )
             except Exception:  # not cached locally: the runner will load (or explain) it
                 pass
@@ -241,7 +254,8 @@ class Job:
         from polar.encoders import build_encoder, encode_cached
 
         runner = self.runner if encoder_spec.name == "self" else None
-        encoder = build_encoder(encoder_spec, runner=runner, device=self.device, cache_dir=self.args.hf_cache_dir)
+        encoder = build_encoder(encoder_spec, runner=runner, device=self.device, cache_dir=self.args.hf_cache_dir,
+                                trust_remote_code=self.trust_remote_code)
         return encoder, encode_cached(encoder, texts, self.feature_cache)
 
 
@@ -345,11 +359,12 @@ def eval_job(job: Job, checkpoint: Path | None = None) -> Path:
     """Evaluate a checkpoint on the test split(s); write the report; return its path."""
     from polar.distributed import parse_shard
     from polar.evaluate import EvalConfig, format_metrics, run_evaluation, write_report
-    from polar.predictor import checkpoint_files, load_checkpoint
+    from polar.predictor import checkpoint_files, load_checkpoint, refuse_pickle_checkpoint
     from polar.scoring import ProgramScorer
 
     args, log = job.args, job.log
     path = Path(checkpoint or job.checkpoint_path())
+    refuse_pickle_checkpoint(path)
     if not all(p.exists() for p in checkpoint_files(path)):
         raise CheckpointError(f"no predictor checkpoint at {path}: train first (drop --eval) or pass --checkpoint_path")
     runner = job.runner

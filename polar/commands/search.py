@@ -58,6 +58,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--time_limit", type=float, default=None, metavar="SECONDS",
                    help="start no question after this many seconds; merge what finished (rerun to continue)")
     p.add_argument("--out", required=True, help="output root (like --data_root of training)")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="allow the model's own Python code to run (off by default)")
     p.set_defaults(func=run)
 
 
@@ -120,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
         from polar.engine import ProgramRunner
         from polar.scoring import ProgramScorer
 
-        runner = ProgramRunner.from_pretrained(args.model_path, device=device, dtype=args.dtype)
+        runner = ProgramRunner.from_pretrained(args.model_path, device=device, dtype=args.dtype,
+                                               trust_remote_code=args.trust_remote_code)
         scorer = ProgramScorer(runner, prompt_style=prompt_style, answer_mode=args.answer_mode,
                                max_new_tokens=args.max_new_tokens, fewshot=args.fewshot,
                                batch_size=args.batch_size)
