@@ -292,6 +292,13 @@ def main(argv: list[str] | None = None) -> int:
         "release_programs_per_s": round(release_rate, 3), "speedup": round(ours_rate / release_rate, 1),
         "same_answer": f"{agree}/{len(pairs)}",
     }
+    fast = runner.fast_path
+    if fast is not None:
+        result.update({"graphs_captured": fast.graphs_captured, "capture_seconds": round(fast.capture_seconds, 2),
+                       "triton_attention": fast.triton_attention, "fused": fast.fused, "compiled": fast.compiled,
+                       "compactions": fast.compactions})
+        print(f"fast path: {fast.graphs_captured} graphs captured in {fast.capture_seconds:.1f} s (compiles "
+              f"included); triton attention {fast.triton_attention}; {fast.compactions} compactions", flush=True)
     if cuda and not args.no_limit:
         from ceilings import copy_bandwidth, matmul_rate
 
