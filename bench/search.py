@@ -87,6 +87,7 @@ class RecordingScorer:
         self.scorer = scorer
         self.rounds: list[list[tuple[object, list[int], object]]] = []
         self.round_seconds: list[float] = []
+        self.round_captures: list[int] = []  # graphs captured so far, after each round
 
     @property
     def pairs(self) -> list[tuple[object, list[int], object]]:
@@ -96,6 +97,9 @@ class RecordingScorer:
         started = time.perf_counter()
         outcomes = self.scorer.score(questions, programs)
         self.round_seconds.append(time.perf_counter() - started)
+        fast = self.scorer.runner.fast_path
+        if fast is not None:
+            self.round_captures.append(fast.graphs_captured)
         self.rounds.append(list(zip(questions, [list(p) for p in programs], outcomes)))
         return outcomes
 
@@ -294,7 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     fast = runner.fast_path
     if fast is not None:
+        from torch._dynamo.utils import counters
+
         result.update({"graphs_captured": fast.graphs_captured, "capture_seconds": round(fast.capture_seconds, 2),
+                       "captures_after_round": recorder.round_captures,
+                       "dynamo_unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
                        "triton_attention": fast.triton_attention, "fused": fast.fused, "compiled": fast.compiled,
                        "compactions": fast.compactions})
         print(f"fast path: {fast.graphs_captured} graphs captured in {fast.capture_seconds:.1f} s (compiles "

@@ -15,6 +15,10 @@ Prefill is compute-bound, so it is organised to compute as little as possible:
   top-k programs, share their first layers).
 * **No host stalls.** All index tensors of a batch are planned on the host and moved to the device
   in one copy before any layer runs, so the host never waits for the device inside the loop.
+* **No per-shape attention plans.** Every step of every length group has its own (rows, width)
+  shape; cuDNN's fused attention builds an execution plan per new shape (tens of milliseconds
+  each, hundreds per search round at first), so prefill uses the memory-efficient and flash
+  kernels (:func:`attention_backends`).
 
 Whatever the KV goes into (the generic engine's per-step cache, the CUDA decoder's slots) is a
 :class:`KVSink`: prompt columns are right-aligned at column ``width`` (the batch's longest prompt),
@@ -123,6 +127,13 @@ class _ShareTracker:
         return reps, expand
 
 
+def attention_backends():
+    """A context that keeps SDPA off cuDNN's per-shape-planned kernel during prefill."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
+
+
 def _call_layer(runner: "ProgramRunner", layer: int, h, mask, pos, pe, cache) -> torch.Tensor:
     out = runner._layers[layer](h, attention_mask=mask, position_ids=pos, position_embeddings=pe,
                                 **{runner._cache_kwarg: cache}, use_cache=True)
@@ -153,29 +164,35 @@ def record_full_depth(runner: "ProgramRunner", cache: PromptCache, tokens: list[
     """Run prompts at full depth, storing every layer's KV and every boundary's hidden state."""
     cell, fixed = _group_cost(runner)
     for group in plan_groups([len(t) for t in tokens], GROUP_UNIT, cell, fixed, max_cells=runner.prefill_max_tokens):
-        hidden, masks, positions, pe = _group_inputs(runner, [tokens[i] for i in group])
-        width = hidden.shape[1]
-        by_pool: dict[int, tuple[Any, list[int], list[int]]] = {}
-        for local, i in enumerate(group):
-            pool, slot = entries[i].pool, entries[i].slot
-            by_pool.setdefault(id(pool), (pool, [], []))[1].append(local)
-            by_pool[id(pool)][2].append(slot)
-        lists = [x for pool, local, slots in by_pool.values() for x in (local, slots)]
-        moved = index_tensors(lists, runner.device)
-        targets = [(pool, moved[2 * k], moved[2 * k + 1]) for k, (pool, _, _) in enumerate(by_pool.values())]
-
-        def keep(boundary: int, h: torch.Tensor) -> None:
-            for pool, local, slots in targets:
-                w = min(width, pool.width)
-                pool.hidden[boundary, :, pool.width - w:].index_copy_(0, slots, h[local][:, -w:])
-
-        keep(0, hidden)
-        for layer in range(runner.num_layers):
-            mask = masks[runner._sliding.get(layer)]
-            hidden = _call_layer(runner, layer, hidden, mask, positions, pe, _Recorder(targets, layer, width))
-            keep(layer + 1, hidden)
+        with attention_backends():
+            _record_group(runner, tokens, entries, group)
     for t in tokens:
         cache.mark_ready(tuple(t))
+
+
+def _record_group(runner: "ProgramRunner", tokens: list[list[int]], entries: list[Entry], group: list[int]) -> None:
+    """One length group of :func:`record_full_depth`."""
+    hidden, masks, positions, pe = _group_inputs(runner, [tokens[i] for i in group])
+    width = hidden.shape[1]
+    by_pool: dict[int, tuple[Any, list[int], list[int]]] = {}
+    for local, i in enumerate(group):
+        pool, slot = entries[i].pool, entries[i].slot
+        by_pool.setdefault(id(pool), (pool, [], []))[1].append(local)
+        by_pool[id(pool)][2].append(slot)
+    lists = [x for pool, local, slots in by_pool.values() for x in (local, slots)]
+    moved = index_tensors(lists, runner.device)
+    targets = [(pool, moved[2 * k], moved[2 * k + 1]) for k, (pool, _, _) in enumerate(by_pool.values())]
+
+    def keep(boundary: int, h: torch.Tensor) -> None:
+        for pool, local, slots in targets:
+            w = min(width, pool.width)
+            pool.hidden[boundary, :, pool.width - w:].index_copy_(0, slots, h[local][:, -w:])
+
+    keep(0, hidden)
+    for layer in range(runner.num_layers):
+        mask = masks[runner._sliding.get(layer)]
+        hidden = _call_layer(runner, layer, hidden, mask, positions, pe, _Recorder(targets, layer, width))
+        keep(layer + 1, hidden)
 
 
 def cached_entries(runner: "ProgramRunner", cache: PromptCache, token_lists: Sequence[Sequence[int]]) -> list[Entry | None]:
@@ -219,8 +236,9 @@ def prefill(
     groups = plan_groups(lengths, GROUP_UNIT, cell, fixed, max_cells=runner.prefill_max_tokens)
     hidden_size = runner._backbone.embed_tokens.weight.shape[1]
     last = torch.zeros(batch, width if keep_all else 1, hidden_size, device=runner.device, dtype=runner.dtype)
-    for group in groups:
-        _prefill_group(runner, sorted(group), token_lists, steps, sink, width, entries, starts, prompt_ids, share, last)
+    with attention_backends():
+        for group in groups:
+            _prefill_group(runner, sorted(group), token_lists, steps, sink, width, entries, starts, prompt_ids, share, last)
     return last
 
 
