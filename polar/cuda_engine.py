@@ -379,6 +379,8 @@ class CudaGraphDecoder:
         self.graphs_captured = 0
         self.slots_created = 0
         self.compactions = 0
+        self._min_bucket = 1
+        self._warm: set[tuple] = set()  # shapes whose bodies already ran (compiled, libraries loaded)
         self.capture_seconds = 0.0  # warm-ups (compiles included) and captures
         self.token_graphs = self.use_graphs if token_graphs is None else bool(token_graphs)
         self.token_graph_rows = token_graph_rows
@@ -527,7 +529,8 @@ class CudaGraphDecoder:
             return outputs, stopped
         width = max(len(t) for t in token_lists)
         tcap = -(-(width + max_new_tokens) // TIME_BLOCK) * TIME_BLOCK
-        ws = self._workspace(tcap, bucket_for(batch))
+        self._min_bucket = 1 if batch == 1 else 2
+        ws = self._workspace(tcap, self._bucket(batch))
         steps = build_schedule(programs, "cpu")
         self._make_room(ws, steps, batch)
         slots: list[_Slot] = []
@@ -561,7 +564,7 @@ class CudaGraphDecoder:
         needed = 0
         for step in steps:
             members = list(step.members)
-            key = (step.layer, bucket_for(len(members)), self._is_dense(members, batch))
+            key = (step.layer, self._bucket(len(members)), self._is_dense(members, batch))
             if free_in_pool.get(key, 0) > 0:
                 free_in_pool[key] -= 1
             else:
@@ -605,16 +608,20 @@ class CudaGraphDecoder:
         self._workspaces.move_to_end(tcap)
         return ws
 
-    @staticmethod
-    def _is_dense(members: list[int], batch: int) -> bool:
+    def _bucket(self, n: int) -> int:
+        """Rows a graph runs for ``n`` rows: a power of two, and at least 2 inside a multi-row
+        batch, so a search never compiles the specialised one-row graph (batch 1 is serving)."""
+        return max(self._min_bucket, bucket_for(n))
+
+    def _is_dense(self, members: list[int], batch: int) -> bool:
         """Rows ``0..n-1`` filling their bucket, or every row of the batch: the step can slice
         workspace rows instead of gathering (rows past the batch are free to scribble on)."""
         n = len(members)
-        return n > 0 and members[-1] == n - 1 and (n == bucket_for(n) or n == batch)
+        return n > 0 and members[-1] == n - 1 and (n == self._bucket(n) or n == batch)
 
     def _acquire(self, ws: _Workspace, layer: int, members: list[int], batch: int) -> _Slot:
         """A free slot for ``layer`` sized for ``members`` (batch rows), rows vector filled in."""
-        bucket = bucket_for(len(members))
+        bucket = self._bucket(len(members))
         dense = self._is_dense(members, batch)
         pool = ws.slots.setdefault((layer, bucket, dense), [])
         slot = next((s for s in pool if not s.in_use), None)
@@ -680,7 +687,7 @@ class CudaGraphDecoder:
         live = list(range(batch))
         active = list(slots)
         cuda = self.runner.device.type == "cuda"
-        host = torch.empty(max_new_tokens, bucket_for(batch), dtype=torch.long, pin_memory=cuda)
+        host = torch.empty(max_new_tokens, self._bucket(batch), dtype=torch.long, pin_memory=cuda)
         with self._decode_attention():
             head = self._head(ws, live, batch)
             for t in range(max_new_tokens):
@@ -719,7 +726,7 @@ class CudaGraphDecoder:
                 if finished:
                     live = [r for r in live if r not in finished]
                     active = self._drop_rows(ws, slots, set(live))
-                    if bucket_for(len(live)) < head.bucket:
+                    if self._bucket(len(live)) < head.bucket:
                         head = self._head(ws, live, batch)
 
     def _drop_rows(self, ws: _Workspace, slots: list[_Slot], live: set[int]) -> list[_Slot]:
@@ -732,7 +739,7 @@ class CudaGraphDecoder:
             keep = [j for j, m in enumerate(slot.members) if m >= 0 and m in live]
             if not keep:
                 continue  # slot stays reserved (its index must remain valid) but never runs
-            if bucket_for(len(keep)) == slot.bucket:
+            if self._bucket(len(keep)) == slot.bucket:
                 active.append(slot)
                 continue
             members = [slot.members[j] for j in keep]
@@ -747,7 +754,7 @@ class CudaGraphDecoder:
         return active
 
     def _head(self, ws: _Workspace, live: list[int], batch: int) -> _Head:
-        bucket = bucket_for(len(live))
+        bucket = self._bucket(len(live))
         dense = self._is_dense(live, batch)
         head = ws.heads.get((bucket, dense))
         if head is None:
@@ -818,7 +825,7 @@ class CudaGraphDecoder:
             body(ws, unit)
             return
         if unit.graph is None:
-            unit.graph = self._capture(ws, lambda: body(ws, unit))
+            unit.graph = self._capture(ws, lambda: body(ws, unit), [self._signature(ws, unit)])
         unit.graph.replay()
 
     def _run_steps(self, ws: _Workspace, active: list[_Slot]) -> None:
@@ -838,27 +845,35 @@ class CudaGraphDecoder:
                 for slot in active:
                     self._layer_step(ws, slot)
 
-            graph = ws.token_graphs[key] = self._capture(ws, body)
+            graph = ws.token_graphs[key] = self._capture(ws, body, [self._signature(ws, slot) for slot in active])
             while len(ws.token_graphs) > 64:
                 ws.token_graphs.popitem(last=False)
         ws.token_graphs.move_to_end(key)
         graph.replay()
 
-    def _capture(self, ws: _Workspace, fn: Callable[[], None]) -> Any:
-        """Warm up ``fn`` on a side stream (first-use allocations, library handles, compiles),
-        undo its effect on the workspace, then record it into a graph sharing one memory pool:
-        every graph writes its results into static buffers, so their intermediates never overlap."""
+    @staticmethod
+    def _signature(ws: _Workspace, unit: _Slot | _Head) -> tuple:
+        """What a body's compiled code and kernels depend on (not the layer: layers share them)."""
+        return (type(unit).__name__, unit.bucket, unit.dense, ws.tcap, ws.max_rows)
+
+    def _capture(self, ws: _Workspace, fn: Callable[[], None], signatures: list[tuple]) -> Any:
+        """Record ``fn`` into a graph sharing one memory pool: every graph writes its results into
+        static buffers, so their intermediates never overlap. The first time a shape is seen,
+        ``fn`` first runs once on a side stream (compiles, first-use allocations, library
+        handles), and its effect on the workspace is undone."""
         import time
 
         began = time.perf_counter()
-        saved = [t.clone() for t in ws.state()]
         stream = self._stream
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        for t, s in zip(ws.state(), saved):
-            t.copy_(s)
+        if not all(sig in self._warm for sig in signatures):
+            saved = [t.clone() for t in ws.state()]
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            for t, s in zip(ws.state(), saved):
+                t.copy_(s)
+            self._warm.update(signatures)
         graph = torch.cuda.CUDAGraph()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

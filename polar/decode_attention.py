@@ -26,6 +26,10 @@ import torch
 #: Columns per inner iteration.
 BLOCK_N = 64
 
+#: Most programs one row's columns are split over. The split count is a runtime argument (not a
+#: compile-time constant), so every batch size shares one compiled kernel.
+MAX_SPLITS = 64
+
 
 def decode_attention_reference(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor, column: torch.Tensor, scale: float
@@ -51,12 +55,12 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["splits"])
     def partial_kernel(
         q_ptr, k_ptr, v_ptr, start_ptr, column_ptr, acc_ptr, stat_ptr, scale,
-        stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, SPLITS: tl.constexpr,
-        BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, splits,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -64,7 +68,7 @@ def _kernels():
         start = tl.load(start_ptr + b).to(tl.int32)
         end = tl.load(column_ptr).to(tl.int32) + 1
         length = end - start
-        per_split = tl.cdiv(tl.cdiv(tl.maximum(length, 0), SPLITS), BLOCK) * BLOCK
+        per_split = tl.cdiv(tl.cdiv(tl.maximum(length, 0), splits), BLOCK) * BLOCK
         lo = start + split * per_split
         hi = tl.minimum(lo + per_split, end)
         g = tl.arange(0, GROUP_PAD)
@@ -90,21 +94,21 @@ def _kernels():
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
-        row = (b * tl.num_programs(1) * GROUP + head) * SPLITS + split  # [GROUP_PAD]
+        row = (b * tl.num_programs(1) * GROUP + head) * splits + split  # [GROUP_PAD]
         keep = g < GROUP
         tl.store(acc_ptr + row[:, None] * DIM + d[None, :], acc, mask=keep[:, None])
         tl.store(stat_ptr + row * 2, m_i, mask=keep)
         tl.store(stat_ptr + row * 2 + 1, l_i, mask=keep)
 
-    @triton.jit
-    def combine_kernel(acc_ptr, stat_ptr, out_ptr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, DIM: tl.constexpr):
+    @triton.jit(do_not_specialize=["splits"])
+    def combine_kernel(acc_ptr, stat_ptr, out_ptr, splits, SPLITS_PAD: tl.constexpr, DIM: tl.constexpr):
         row = tl.program_id(0)  # one (batch row, query head)
         s = tl.arange(0, SPLITS_PAD)
         d = tl.arange(0, DIM)
-        inside = s < SPLITS
-        m = tl.load(stat_ptr + (row * SPLITS + s) * 2, mask=inside, other=-1.0e30)
-        l = tl.load(stat_ptr + (row * SPLITS + s) * 2 + 1, mask=inside, other=0.0)
-        acc = tl.load(acc_ptr + (row * SPLITS + s)[:, None] * DIM + d[None, :], mask=inside[:, None], other=0.0)
+        inside = s < splits
+        m = tl.load(stat_ptr + (row * splits + s) * 2, mask=inside, other=-1.0e30)
+        l = tl.load(stat_ptr + (row * splits + s) * 2 + 1, mask=inside, other=0.0)
+        acc = tl.load(acc_ptr + (row * splits + s)[:, None] * DIM + d[None, :], mask=inside[:, None], other=0.0)
         top = tl.max(m, 0)
         w = tl.exp(m - top)
         w = tl.where(inside, w, 0.0)
@@ -123,7 +127,7 @@ def splits_for(batch: int, kv_heads: int, columns: int) -> int:
     else:
         sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     wanted = math.ceil(2 * sms / max(1, batch * kv_heads))
-    return max(1, min(wanted, math.ceil(columns / BLOCK_N), 64))
+    return max(1, min(wanted, math.ceil(columns / BLOCK_N), MAX_SPLITS))
 
 
 def decode_attention_triton(
@@ -143,11 +147,11 @@ def decode_attention_triton(
     partial_kernel[(batch, kv_heads, splits)](
         q, keys, values, start, column, acc, stats, scale,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2),
-        GROUP=group, GROUP_PAD=group_pad, DIM=dim, SPLITS=splits, BLOCK=BLOCK_N,
+        values.stride(0), values.stride(1), values.stride(2), splits,
+        GROUP=group, GROUP_PAD=group_pad, DIM=dim, BLOCK=BLOCK_N,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact; bf16 ignores it
     )
-    combine_kernel[(batch * heads,)](acc, stats, out, SPLITS=splits, SPLITS_PAD=max(2, 1 << (splits - 1).bit_length()), DIM=dim)
+    combine_kernel[(batch * heads,)](acc, stats, out, splits, SPLITS_PAD=MAX_SPLITS, DIM=dim)
     return out
 
 
