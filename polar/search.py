@@ -17,8 +17,8 @@ scorer gives the same evaluations and the same output lists as the release
 (:mod:`polar.search_release` says how). In short: ``num_simulations`` loop iterations; the node
 reached by epsilon-greedy UCB selection creates ALL its legal children at once and one of them, at
 random, is scored. Although the root alone has ~8·D children, this goes deep within 100
-iterations: children never scored keep UCB -inf, so greedy selection always follows the scored
-child and each walk expands one level below the last. Each question reseeds the same RNG
+iterations: children never scored keep UCB -inf, so greedy selection only ever follows scored
+children, and each walk scores one program a level below the scored node it stops at. Each question reseeds the same RNG
 (``seed``, 42 as in the release), and the output is the release's order.
 
 ``"widening"`` -- polar's earlier policy, kept as an option. One *simulation* evaluates one new
@@ -71,10 +71,10 @@ from polar.programs import full_program
 
 Program = tuple[int, ...]
 
-# Length bounds the paper used, keyed by a lowercase fragment of the model name and the depth the
-# model must have (so a same-named model of another depth falls back to the scaled rule).
 TREE_POLICIES = ("release", "widening")
 
+# Length bounds the paper used, keyed by a lowercase fragment of the model name and the depth the
+# model must have (so a same-named model of another depth falls back to the scaled rule).
 PAPER_LENGTH_BOUNDS: dict[str, tuple[int, int, int]] = {
     "llama-3.2-3b": (28, 16, 32),
     "qwen2.5-3b": (36, 24, 44),

@@ -15,9 +15,9 @@ import json
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass
 
 import pytest
+from test_search import O, HashScorer, questions
 
 from polar.errors import DataError
 from polar.search import SearchConfig, length_bounds, merge_shards, run_shard, search_many, shard_path
@@ -142,18 +142,6 @@ def reference_mcts(depth: int, lo: int, hi: int, reward, simulations: int, event
 # --------------------------------------------------------------------------- scorers
 
 
-@dataclass
-class Q:
-    id: str
-    question: str
-    answer: str
-
-
-@dataclass
-class O:
-    correct: bool
-
-
 def _byte(question_id: str, program) -> int:
     return hashlib.sha256(f"{question_id}|{list(program)}".encode()).digest()[0]
 
@@ -186,10 +174,6 @@ class RuleScorer:
 
     def asked(self, question_id: str) -> list[tuple[int, ...]]:
         return [p for call in self.calls for qid, p in call if qid == question_id]
-
-
-def questions(n: int) -> list[Q]:
-    return [Q(f"q{i}", f"What is {i}+{i}?", str(2 * i)) for i in range(n)]
 
 
 def strip_timing(samples):
@@ -308,16 +292,10 @@ def test_unknown_tree_policy_is_a_clear_error():
 def test_widening_policy_writes_what_it_wrote_before_tree_policy_existed():
     """Pinned digests of the widening search (evaluations, output lists, counters), computed before
     the release policy was added; the widening policy must stay bit-for-bit the same."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_search import HashScorer, questions as hash_questions
-
     def digest(depth, model, sims, seed, n, max_active, **extra):
         config = SearchConfig(num_simulations=sims, seed=seed, tree_policy="widening", **extra)
         scorer = HashScorer()
-        out = search_many(hash_questions(n), scorer, depth, config, model_name=model, max_active=max_active)
+        out = search_many(questions(n), scorer, depth, config, model_name=model, max_active=max_active)
         rows = [[s["id"], s["initial_score"], s["final_valid_transitions"], s["final_invalid_transitions"],
                  s["search"]["simulations"], s["search"]["programs_evaluated"], s["search"]["free_steps"]]
                 for s in out]
