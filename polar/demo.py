@@ -724,7 +724,7 @@ def render_report(config: DemoConfig, summary: dict[str, Any]) -> str:
         f"| answer extraction | `{config.answer_mode}`" + (" (last `\\boxed{}`, else \"the answer is X\", else the last number)"
                                                          if config.answer_mode == "lenient" else " (last `\\boxed{}`)") + " |",
         f"| generation | greedy, at most {config.max_new_tokens} new tokens |",
-        f"| search | MCTS, {config.simulations} simulations per question, seed {config.seed} |",
+        f"| search | MCTS (the release's tree policy), {config.simulations} simulations per question, seed {config.seed} |",
         f"| predictor | encoder `{config.encoder}`, {config.epochs} epochs, lr {config.learning_rate}, "
         f"full-depth target dropped when a shorter one is valid: {'yes' if config.drop_original else 'no'}, "
         f"top-{k} programs |",

@@ -7,38 +7,51 @@ Per question the tree's root is the full-depth program. Moves:
 * below the root: skip one program position, or repeat one position in place.
 
 A child is legal when no layer index occurs more than ``max_uses_per_layer`` times and its length
-lies within the model's bounds (:func:`length_bounds`).
+lies within the model's bounds (:func:`length_bounds`). The reward of a program is 1 when the
+greedy answer is correct, else 0.
 
-One *simulation* evaluates one new program:
+Two tree policies (``SearchConfig.tree_policy``):
+
+``"release"`` (default) -- the authors' ``mcts_search``, detail for detail, so that a deterministic
+scorer gives the same evaluations and the same output lists as the release
+(:mod:`polar.search_release` says how). In short: ``num_simulations`` loop iterations; the node
+reached by epsilon-greedy UCB selection creates ALL its legal children at once and one of them, at
+random, is scored. Although the root alone has ~8·D children, this goes deep within 100
+iterations: children never scored keep UCB -inf, so greedy selection only ever follows scored
+children, and each walk scores one program a level below the scored node it stops at. Each question reseeds the same RNG
+(``seed``, 42 as in the release), and the output is the release's order.
+
+``"widening"`` -- polar's earlier policy, kept as an option. One *simulation* evaluates one new
+program:
 
 1. **Selection** walks down from the root. At each node that may not grow (see widening below) it
    moves to a random child with probability ``epsilon`` and otherwise to the child with the largest
    ``mean_reward - length_penalty * len / D + exploration * sqrt(ln(N_parent + 1) / n)``
    (ties go to the child created first).
 2. **Expansion** happens at the first node that may grow: one of its untried moves, chosen
-   uniformly at random, becomes a new child and its program is scored (reward 1 when the greedy
-   answer is correct, else 0).
+   uniformly at random, becomes a new child and its program is scored.
 3. **Backpropagation** adds the reward to the new node and all its ancestors.
 
 *Progressive widening.* A node with ``N`` visits may hold ``ceil(N ** widening)`` children.
-Without it (``widening=None``, classic UCT: grow while any move is untried) the root alone has
-~8·D moves, so 100 simulations would never get below the root and the deeper moves of the spec
-would never be used. With the default 0.5 the root keeps ~10 children after 100 simulations and
+Without it (``widening=None``, classic UCT: grow one child at a time while any move is untried,
+every child scored when created) the root alone has ~8·D moves, so 100 simulations would never
+get below the root. With the default 0.5 the root keeps ~10 children after 100 simulations and
 the rest of the budget goes deeper, towards shorter programs.
 
-*Each program is evaluated at most once per question.* Every question keeps a cache
-``program -> reward``. When an expansion picks a program already in the cache (the same program
-reached by another move order), the node is still added and the cached reward backpropagated, but
-this does **not** count as a simulation: the budget ``num_simulations`` counts newly evaluated
-programs, so the walk restarts from the root. A walk that ends at a node with no legal move and
-no children re-backpropagates that node's reward, again without counting. Both kinds of free steps
-are capped (``max_free_steps`` in a row) so a search whose reachable space is exhausted ends.
+In this policy the budget ``num_simulations`` counts newly evaluated programs. When an expansion
+picks a program already evaluated for this question (the same program reached by another move
+order), the node is still added and the cached reward backpropagated, but this does **not** count
+as a simulation. A walk that ends at a node with no legal move and no children re-backpropagates
+that node's reward, again without counting. Both kinds of free steps are capped
+(``max_free_steps`` in a row) so a search whose reachable space is exhausted ends. Each question
+draws from its own RNG seeded by ``(seed, question id)``. Output lists are sorted shortest first.
+
+*Each program is evaluated at most once per question* under both policies.
 
 *Lockstep.* The search of one question is a generator that yields the program it wants scored and
-receives the reward (:func:`question_search`). :func:`search_many` advances every active question
-by one simulation per round and scores all pending programs with ONE scorer call. Each question
-draws from its own RNG seeded by ``(seed, question id)``, so its result does not depend on which
-other questions share the batch.
+receives the reward (:func:`tree_search`). :func:`search_many` advances every active question
+to its next evaluation per round and scores all pending programs with ONE scorer call. A question's
+RNG is its own, so its result does not depend on which other questions share the batch.
 """
 
 from __future__ import annotations
@@ -58,6 +71,8 @@ from polar.programs import full_program
 
 Program = tuple[int, ...]
 
+TREE_POLICIES = ("release", "widening")
+
 # Length bounds the paper used, keyed by a lowercase fragment of the model name and the depth the
 # model must have (so a same-named model of another depth falls back to the scaled rule).
 PAPER_LENGTH_BOUNDS: dict[str, tuple[int, int, int]] = {
@@ -70,9 +85,9 @@ PAPER_LENGTH_BOUNDS: dict[str, tuple[int, int, int]] = {
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Every constant of the search; the defaults are the paper's (SPEC 5)."""
+    """Every constant of the search; the defaults are the release's (SPEC 5)."""
 
-    num_simulations: int = 100
+    num_simulations: int = 100  # release: loop iterations; widening: newly evaluated programs
     epsilon: float = 0.1
     length_penalty: float = 5.0
     exploration: float = math.sqrt(2)
@@ -80,12 +95,22 @@ class SearchConfig:
     max_uses_per_layer: int = 2
     min_length: int | None = None  # None: per-model default, see length_bounds()
     max_length: int | None = None
-    widening: float | None = 0.5  # None: classic UCT (expand while any move is untried)
-    max_free_steps: int = 200
-    seed: int = 0
+    tree_policy: str = "release"  # "release" (the authors' mcts_search) or "widening"
+    widening: float | None = 0.5  # widening policy only; None: classic UCT
+    max_free_steps: int = 200  # widening policy only
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.tree_policy not in TREE_POLICIES:
+            raise ValueError(f"tree_policy must be one of {', '.join(TREE_POLICIES)}, not {self.tree_policy!r}")
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings that shape the result (recorded in outputs and resume keys): the release
+        policy ignores ``widening`` and ``max_free_steps``, so they are left out for it."""
+        settings = asdict(self)
+        if self.tree_policy == "release":
+            del settings["widening"], settings["max_free_steps"]
+        return settings
 
 
 def length_bounds(model_name: str | None, num_layers: int, config: SearchConfig = SearchConfig()) -> tuple[int, int]:
@@ -233,15 +258,21 @@ class SearchResult:
     rewards: dict[Program, float]  # every evaluated program, in evaluation order
     initial_score: float
     simulations: int
-    free_steps: int
+    free_steps: int  # walks that evaluated nothing new
+    ranked: list[Program] | None = None  # the output order; None: shortest first (sort_programs)
 
     @property
     def valid(self) -> list[list[int]]:
-        return sort_programs([p for p, r in self.rewards.items() if r > 0])
+        return self._listed(lambda r: r > 0)
 
     @property
     def invalid(self) -> list[list[int]]:
-        return sort_programs([p for p, r in self.rewards.items() if r <= 0])
+        return self._listed(lambda r: r <= 0)
+
+    def _listed(self, keep: Callable[[float], bool]) -> list[list[int]]:
+        if self.ranked is None:
+            return sort_programs([p for p, r in self.rewards.items() if keep(r)])
+        return [list(p) for p in self.ranked if keep(self.rewards[p])]
 
 
 def sort_programs(programs: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -252,7 +283,7 @@ def sort_programs(programs: Sequence[Sequence[int]]) -> list[list[int]]:
 def question_search(
     question_id: str, num_layers: int, bounds: tuple[int, int], config: SearchConfig
 ) -> Generator[list[int], float, SearchResult]:
-    """The search of one question as a state machine.
+    """One question's search under the ``"widening"`` tree policy, as a state machine.
 
     Yields a program to score, expects the reward via ``send``; returns the :class:`SearchResult`
     (as ``StopIteration.value``). The root (full depth) is always the first program yielded.
@@ -292,6 +323,18 @@ def question_search(
         node.children.append(child)
         backpropagate(child, reward)
     return SearchResult(rewards, initial, simulations, free_steps)
+
+
+def tree_search(
+    question_id: str, num_layers: int, bounds: tuple[int, int], config: SearchConfig
+) -> Generator[list[int], float, SearchResult]:
+    """One question's search under ``config.tree_policy`` (the generator protocol of
+    :func:`question_search`: yields programs to score, receives rewards, returns the result)."""
+    if config.tree_policy == "release":
+        from polar.search_release import release_question_search  # it imports this module
+
+        return release_question_search(num_layers, bounds, config)
+    return question_search(question_id, num_layers, bounds, config)
 
 
 # --------------------------------------------------------------------------- lockstep driver
@@ -335,7 +378,7 @@ def search_many(
         if deadline is not None and time.perf_counter() > deadline:
             return False
         for index in queue:
-            gen = question_search(str(questions[index].id), num_layers, bounds, config)
+            gen = tree_search(str(questions[index].id), num_layers, bounds, config)
             active[index] = (gen, next(gen), time.perf_counter())
             return True
         return False
@@ -353,7 +396,7 @@ def search_many(
             except StopIteration as stop:
                 del active[index]
                 seconds = time.perf_counter() - started
-                results[index] = make_sample(questions[index], stop.value, seconds, index)
+                results[index] = make_sample(questions[index], stop.value, seconds, index, config.tree_policy)
                 finished.append(results[index])
         while len(active) < limit and start_next():
             pass
@@ -364,7 +407,8 @@ def search_many(
     return [r for r in results if r is not None]
 
 
-def make_sample(question: Any, result: SearchResult, seconds: float, index: int | None = None) -> dict[str, Any]:
+def make_sample(question: Any, result: SearchResult, seconds: float, index: int | None = None,
+                tree_policy: str = "release") -> dict[str, Any]:
     """A supervision sample in the release's format plus our search metadata."""
     sample: dict[str, Any] = {
         "id": str(question.id),
@@ -374,6 +418,7 @@ def make_sample(question: Any, result: SearchResult, seconds: float, index: int 
         "final_valid_transitions": result.valid,
         "final_invalid_transitions": result.invalid,
         "search": {
+            "tree_policy": tree_policy,
             "simulations": result.simulations,
             "programs_evaluated": len(result.rewards),
             "free_steps": result.free_steps,

@@ -85,7 +85,8 @@ def strip_timing(samples):
 
 
 D = 12
-SMALL = SearchConfig(num_simulations=15)
+SMALL = SearchConfig(num_simulations=15)  # the release's tree policy (the default)
+SMALL_WIDENING = SearchConfig(num_simulations=15, tree_policy="widening")
 
 
 # --------------------------------------------------------------------------- bounds
@@ -175,9 +176,9 @@ def _is_block_copy(parent, kid, max_block) -> bool:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(0, 10_000), st.integers(4, 16), st.integers(0, 40))
-def test_search_evaluates_each_program_once_and_only_legal_ones(seed, num_layers, sims):
-    config = SearchConfig(num_simulations=sims, seed=seed)
+@given(st.integers(0, 10_000), st.integers(4, 16), st.integers(0, 40), st.sampled_from(("release", "widening")))
+def test_search_evaluates_each_program_once_and_only_legal_ones(seed, num_layers, sims, policy):
+    config = SearchConfig(num_simulations=sims, seed=seed, tree_policy=policy)
     bounds = length_bounds("x", num_layers, config)
     scorer = HashScorer()
     [sample] = search_many([Q("a", "?", "1")], scorer, num_layers, config)
@@ -187,25 +188,32 @@ def test_search_evaluates_each_program_once_and_only_legal_ones(seed, num_layers
     assert all(is_legal(p, bounds, config.max_uses_per_layer) for p in evaluated)
     assert len(evaluated) <= 1 + sims
     assert sample["search"]["programs_evaluated"] == len(evaluated)
-    assert sample["search"]["simulations"] == len(evaluated) - 1
     valid = sample["final_valid_transitions"]
     invalid = sample["final_invalid_transitions"]
     assert sorted(map(tuple, valid + invalid)) == sorted(evaluated)
     assert all(hash_correct("a", p) for p in valid) and not any(hash_correct("a", p) for p in invalid)
-    assert valid == sort_programs(valid)
+    if policy == "widening":  # the budget counts new programs; lists shortest first, then by value
+        assert sample["search"]["simulations"] == len(evaluated) - 1
+        assert valid == sort_programs(valid) and invalid == sort_programs(invalid)
+    else:  # the budget counts iterations, some of which may evaluate nothing; lists shortest first
+        assert sample["search"]["simulations"] == sims
+        assert sample["search"]["free_steps"] == sims + 1 - len(evaluated)
+        for programs in (valid, invalid):
+            assert [len(p) for p in programs] == sorted(len(p) for p in programs)
     assert sample["initial_score"] == float(hash_correct("a", range(num_layers)))
 
 
-def test_budget_counts_new_evaluations():
+def test_widening_budget_counts_new_evaluations():
     scorer = HashScorer()
-    [sample] = search_many([Q("a", "?", "1")], scorer, 10, SearchConfig(num_simulations=30))
+    [sample] = search_many([Q("a", "?", "1")], scorer, 10, SearchConfig(num_simulations=30, tree_policy="widening"))
     assert sample["search"]["programs_evaluated"] == 31
     assert len(scorer.calls) == 31  # one program per round when searching one question
 
 
 def test_exhausted_space_ends_the_search():
     # 3 layers, lengths 2..3 only, each layer once: root + 3 single skips are all there is.
-    config = SearchConfig(num_simulations=50, min_length=2, max_length=3, max_uses_per_layer=1)
+    config = SearchConfig(num_simulations=50, min_length=2, max_length=3, max_uses_per_layer=1,
+                          tree_policy="widening")
     scorer = HashScorer()
     [sample] = search_many([Q("a", "?", "1")], scorer, 3, config)
     # root skips of one layer: [1,2], [0,2], [0,1]; larger blocks give length 1 (out of bounds),
@@ -213,6 +221,14 @@ def test_exhausted_space_ends_the_search():
     assert sample["search"]["programs_evaluated"] == 4
     assert sample["search"]["simulations"] == 3
     assert sample["search"]["free_steps"] >= config.max_free_steps  # gave up after 200 idle walks
+
+    # the release's policy runs all 50 iterations; 47 of them end on an already scored node
+    # (e.g. the second: it descends to the one scored child, which has no legal child) and
+    # evaluate nothing
+    release = SearchConfig(num_simulations=50, min_length=2, max_length=3, max_uses_per_layer=1)
+    [sample] = search_many([Q("a", "?", "1")], HashScorer(), 3, release)
+    assert sample["search"]["programs_evaluated"] == 4
+    assert (sample["search"]["simulations"], sample["search"]["free_steps"]) == (50, 47)
 
 
 # --------------------------------------------------------------------------- selection / UCB
@@ -266,7 +282,7 @@ def test_search_with_known_rewards_finds_the_short_valid_programs():
 
 
 def test_generator_protocol_yields_root_first():
-    gen = question_search("q", 5, (1, 10), SearchConfig(num_simulations=2))
+    gen = question_search("q", 5, (1, 10), SearchConfig(num_simulations=2, tree_policy="widening"))
     assert next(gen) == [0, 1, 2, 3, 4]
     second = gen.send(1.0)
     third = gen.send(0.0)
@@ -280,11 +296,12 @@ def test_generator_protocol_yields_root_first():
 # --------------------------------------------------------------------------- lockstep
 
 
-def test_lockstep_batching_equals_searching_each_question_alone():
+@pytest.mark.parametrize("config", [SMALL, SMALL_WIDENING], ids=["release", "widening"])
+def test_lockstep_batching_equals_searching_each_question_alone(config):
     qs = questions(7)
     batched_scorer = HashScorer()
-    batched = search_many(qs, batched_scorer, D, SMALL, max_active=3)
-    alone = [search_many([q], HashScorer(), D, SMALL)[0] for q in qs]
+    batched = search_many(qs, batched_scorer, D, config, max_active=3)
+    alone = [search_many([q], HashScorer(), D, config)[0] for q in qs]
     for s in alone:
         s.pop("index")
     for s in batched:
@@ -299,16 +316,22 @@ def test_lockstep_batching_equals_searching_each_question_alone():
 def test_all_questions_in_one_round_make_one_call_per_simulation():
     qs = questions(5)
     scorer = HashScorer()
-    search_many(qs, scorer, D, SMALL)
-    assert len(scorer.calls) == 1 + SMALL.num_simulations
+    search_many(qs, scorer, D, SMALL_WIDENING)
+    assert len(scorer.calls) == 1 + SMALL_WIDENING.num_simulations
+    assert len(scorer.calls[0]) == 5
+    # the release's policy: one call per evaluating iteration, at most one per iteration
+    scorer = HashScorer()
+    samples = search_many(qs, scorer, D, SMALL)
+    assert len(scorer.calls) == max(s["search"]["programs_evaluated"] for s in samples) <= 1 + SMALL.num_simulations
     assert len(scorer.calls[0]) == 5
 
 
-def test_seed_changes_the_search_but_is_reproducible():
+@pytest.mark.parametrize("policy", ["release", "widening"])
+def test_seed_changes_the_search_but_is_reproducible(policy):
     q = [Q("z", "?", "1")]
-    a = search_many(q, HashScorer(), D, SearchConfig(num_simulations=20, seed=1))
-    b = search_many(q, HashScorer(), D, SearchConfig(num_simulations=20, seed=1))
-    c = search_many(q, HashScorer(), D, SearchConfig(num_simulations=20, seed=2))
+    a = search_many(q, HashScorer(), D, SearchConfig(num_simulations=20, seed=1, tree_policy=policy))
+    b = search_many(q, HashScorer(), D, SearchConfig(num_simulations=20, seed=1, tree_policy=policy))
+    c = search_many(q, HashScorer(), D, SearchConfig(num_simulations=20, seed=2, tree_policy=policy))
     assert strip_timing(a) == strip_timing(b)
     assert strip_timing(a) != strip_timing(c)
 

@@ -42,7 +42,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch_size", type=int, default=64, help="sequences per engine call")
     p.add_argument("--max_active", type=int, default=None,
                    help="questions searched at once (default: batch_size)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=42,
+                   help="search RNG seed (the release reseeds 42 for every question; default: 42)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--min_length", type=int, default=None, help="shortest allowed program (default: per model)")
@@ -50,8 +51,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--epsilon", type=float, default=0.1)
     p.add_argument("--length_penalty", type=float, default=5.0)
     p.add_argument("--exploration", type=float, default=2 ** 0.5)
-    p.add_argument("--widening", type=float, default=0.5,
-                   help="progressive widening exponent; <= 0 for classic UCT (see polar.search)")
+    p.add_argument("--tree_policy", choices=("release", "widening"), default="release",
+                   help="release: the authors' MCTS (default); widening: progressive widening (see polar.search)")
+    p.add_argument("--widening", type=float, default=None,
+                   help="--tree_policy widening only: widening exponent (default 0.5); <= 0 for classic UCT")
     p.add_argument("--shard", default=None, metavar="i/n",
                    help="search shard i of n (default: RANK/WORLD_SIZE from the environment, else 0/1)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -84,6 +87,16 @@ def load_question_list(dataset: str, target_diff: int | None, offset: int, limit
     return questions[offset:wanted]
 
 
+def widening_option(tree_policy: str, widening: float | None) -> dict[str, Any]:
+    """``SearchConfig`` keywords for ``--widening`` (<= 0: classic UCT). The release policy has no
+    widening, so the flag with it is an error rather than silently ignored."""
+    if widening is None:
+        return {}
+    if tree_policy != "widening":
+        raise ValueError(f"--widening applies only to --tree_policy widening (got --tree_policy {tree_policy})")
+    return {"widening": widening if widening > 0 else None}
+
+
 def resolve_prompt_style(style: str | None, model_path: str) -> str:
     if style is not None:
         return style
@@ -104,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     config = SearchConfig(
         num_simulations=args.num_simulations, epsilon=args.epsilon, length_penalty=args.length_penalty,
         exploration=args.exploration, min_length=args.min_length, max_length=args.max_length,
-        widening=args.widening if args.widening > 0 else None, seed=args.seed,
+        tree_policy=args.tree_policy, seed=args.seed, **widening_option(args.tree_policy, args.widening),
     )
     prompt_style = resolve_prompt_style(args.prompt_style, args.model_path)
     questions = load_question_list(args.dataset, args.target_diff, args.offset, args.limit)
