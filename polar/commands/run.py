@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from polar.flags import non_negative_int, positive_int
+
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
@@ -17,9 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--program", default="full", help='layers to run, e.g. "0-5,5,6-29" or "full" (default)')
     group.add_argument("--checkpoint", default=None, help="a trained predictor checkpoint: it writes the program")
     p.add_argument("--prompt_style", default=None, help="plain, chat, chat_nothink or raw (no math prompt); default per model")
-    p.add_argument("--fewshot", type=int, default=0, help="worked examples prepended to the prompt")
+    p.add_argument("--fewshot", type=non_negative_int, default=0, help="worked examples prepended to the prompt")
     p.add_argument("--answer_mode", default="boxed", choices=["boxed", "lenient"])
-    p.add_argument("--max_new_tokens", type=int, default=50)
+    p.add_argument("--max_new_tokens", type=positive_int, default=50)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off by default)")
@@ -27,11 +29,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from polar.programs import format_program, parse_program
+
+    if not args.checkpoint and args.program.strip().lower() not in ("full", "all"):
+        parse_program(args.program)  # a malformed program fails before torch and the model load
+
     from polar.engine import ProgramRunner
     from polar.math import extract_answer
-    from polar.programs import format_program, parse_program
     from polar.prompts import default_prompt_style, format_prompt
-
     checkpoint_info = None
     model_path = args.model_path
     if args.checkpoint:
