@@ -503,39 +503,41 @@ def load_shard(path: Path, resume_key: dict[str, Any]) -> dict[str, Any] | None:
     return state
 
 
-def _merged_settings(path: Path, resume_key: dict[str, Any]) -> dict[str, Any] | None:
-    """The settings a merged file records, restricted to the keys of ``resume_key``; None when
-    the file records none (not written by ``polar search``)."""
+def _merged_diff(path: Path, resume_key: dict[str, Any]) -> list[str]:
+    """How the settings recorded by a merged file differ from ``resume_key`` (empty: the same).
+    Older merged files record them only among ``metadata.settings``; a file that records none
+    was not written by ``polar search`` and never counts as the same."""
     data = read_json_state(path)
     metadata = data.get("metadata") if isinstance(data, dict) else None
-    if isinstance(metadata, dict) and isinstance(metadata.get("resume_key"), dict):
-        return metadata["resume_key"]
-    settings = metadata.get("settings") if isinstance(metadata, dict) else None  # older merged files
-    if not isinstance(settings, dict):
-        return None
-    return {key: settings[key] for key in resume_key if key in settings}
+    metadata = metadata if isinstance(metadata, dict) else {}
+    saved = metadata.get("resume_key")
+    if not isinstance(saved, dict):
+        settings = metadata.get("settings")
+        if not isinstance(settings, dict):
+            return ["no settings recorded: not written by polar search"]
+        saved = {key: settings[key] for key in resume_key if key in settings}
+    return settings_diff(saved, resume_key)
+
+
+def _shard_diff(path: Path, resume_key: dict[str, Any]) -> list[str]:
+    """How the settings of the shard file at ``path`` differ from ``resume_key`` (empty: the
+    same, or the file is gone)."""
+    if not path.exists():
+        return []
+    state = read_json_state(path)
+    saved = state.get("resume_key") if isinstance(state, dict) else None
+    return settings_diff(saved, resume_key) if isinstance(saved, dict) else ["no settings recorded"]
 
 
 def conflicting_results(task_dir: Path, resume_key: dict[str, Any]) -> list[tuple[Path, list[str]]]:
     """Files under ``task_dir`` holding results made with settings other than ``resume_key``:
     shard files of any shard count, and the merged file. Each with its differing settings."""
     task_dir = Path(task_dir)
-    found: list[tuple[Path, list[str]]] = []
-    for paths in shard_files(task_dir).values():
-        for path in paths:
-            state = read_json_state(path)
-            saved = state.get("resume_key") if isinstance(state, dict) else None
-            diff = settings_diff(saved, resume_key) if isinstance(saved, dict) else ["no settings recorded"]
-            if diff:
-                found.append((path, diff))
+    found = [(path, _shard_diff(path, resume_key)) for paths in shard_files(task_dir).values() for path in paths]
     merged = task_dir / MERGED_NAME
     if merged.exists():
-        saved = _merged_settings(merged, resume_key)
-        diff = settings_diff(saved, resume_key) if saved is not None else [
-            "no settings recorded: not written by polar search"]
-        if diff:
-            found.append((merged, diff))
-    return found
+        found.append((merged, _merged_diff(merged, resume_key)))
+    return [(path, diff) for path, diff in found if diff]
 
 
 MERGED_COMPANIONS = ("summary.json", "valid_program_lengths.png", "layer_heatmap.png")
@@ -579,7 +581,7 @@ def clear_conflicting_results(
         except locks.LockedError:
             continue  # its writer runs now, with the new settings or not: it decides
         try:
-            if conflicting_results_of_shard(path, resume_key):
+            if _shard_diff(path, resume_key):  # still of other settings now that it is locked
                 path.unlink(missing_ok=True)
                 removed.append(str(path.relative_to(task_dir)))
         finally:
@@ -587,15 +589,6 @@ def clear_conflicting_results(
     if removed:
         log(f"--overwrite: removed {len(removed)} files made with other settings "
             f"({'; '.join(conflicts[0][1])}): {', '.join(removed)}")
-
-
-def conflicting_results_of_shard(path: Path, resume_key: dict[str, Any]) -> bool:
-    """Whether the shard file at ``path`` (still) holds results of other settings."""
-    if not path.exists():
-        return False
-    state = read_json_state(path)
-    saved = state.get("resume_key") if isinstance(state, dict) else None
-    return not isinstance(saved, dict) or bool(settings_diff(saved, resume_key))
 
 
 def run_shard(
@@ -748,8 +741,7 @@ def merge_shards(
                             f"written with different settings ({'; '.join(diff)}); cannot merge")
     merged_path = task_dir / MERGED_NAME
     if merged_path.exists() and not overwrite:
-        saved = _merged_settings(merged_path, resume_key)
-        diff = settings_diff(saved, resume_key) if saved is not None else ["no settings recorded"]
+        diff = _merged_diff(merged_path, resume_key)
         if diff:
             raise DataError(f"{merged_path} holds results made with other settings ({'; '.join(diff)}); "
                             "rerun with --overwrite to replace it")
