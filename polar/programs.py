@@ -90,8 +90,8 @@ def parse_program(text: str | Sequence[int], num_layers: int | None = None) -> P
                         f"program {_short(text)}: {part[:30]!r} is not a layer index or a range like 3-7"
                     ) from None
                 where = f"program {_short(text)}" + ("" if part == stripped else f", item {part[:30]!r}")
-                for end in (a, b):
-                    _check_layer(end, num_layers, where)
+                _check_layer(a, len(program), num_layers, where)
+                _check_layer(b, len(program) + abs(b - a), num_layers, where)
                 if len(program) + abs(b - a) + 1 > MAX_PROGRAM_LENGTH:
                     raise ValueError(f"program {_short(text)} is longer than {MAX_PROGRAM_LENGTH} layers")
                 step = 1 if b >= a else -1
@@ -121,13 +121,14 @@ def _short(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def _check_layer(layer: int, num_layers: int | None, where: str) -> None:
-    depth = MAX_NUM_LAYERS if num_layers is None else num_layers
-    if not 0 <= layer < depth:
-        if num_layers is None:
-            raise ValueError(f"{where}: layer {layer} is beyond any model (at most {MAX_NUM_LAYERS} layers)")
-        raise ValueError(f"{where}: layer {layer}, but the model has {num_layers} layers "
-                         f"(valid indices 0-{num_layers - 1})")
+def _check_layer(layer: int, position: int, num_layers: int | None, where: str) -> None:
+    """A range end, before the range is expanded: in ``[0, D)``, or below :data:`MAX_NUM_LAYERS`."""
+    if num_layers is not None:
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"program position {position} has layer {layer}, but the model has "
+                             f"{num_layers} layers (valid indices 0-{num_layers - 1})")
+    elif not 0 <= layer < MAX_NUM_LAYERS:
+        raise ValueError(f"{where}: layer {layer} is beyond any model (at most {MAX_NUM_LAYERS} layers)")
 
 
 def _as_index(value: object, position: int) -> int:
