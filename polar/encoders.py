@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -120,12 +121,13 @@ class HFEncoder:
         device: str | None = None,
         cache_dir: str | None = None,
         batch_size: int = 16,
+        trust_remote_code: bool = False,
     ) -> None:
         self.name = name_or_path
         self.max_length = max_length
         self.batch_size = batch_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer, self.model = _load_encoder(name_or_path, self.device, cache_dir)
+        self.tokenizer, self.model = _load_encoder(name_or_path, self.device, cache_dir, trust_remote_code)
         self.model.to(self.device).eval()
         self.dim = int(self.model.config.hidden_size)
 
@@ -147,31 +149,52 @@ class HFEncoder:
         return out
 
 
-def _load_encoder(name: str, device: torch.device, cache_dir: str | None):
+def _load_encoder(name: str, device: torch.device, cache_dir: str | None, trust_remote_code: bool = False):
     """Local files / HF cache first; the network only when the hub answers a quick probe, so an
-    offline machine fails at once with a one-line message instead of waiting through retries."""
+    offline machine fails at once with a one-line message instead of waiting through retries.
+
+    The same promises as for base models (:mod:`polar.model_files`): a local folder is checked
+    before loading (custom code only with ``--trust_remote_code``, no pickle weights, whole
+    safetensors files), and every load passes ``trust_remote_code`` and ``use_safetensors=True``
+    explicitly, so a checkpoint naming an encoder can never run code or ask on the terminal.
+    """
     from transformers import AutoModel, AutoTokenizer
 
+    from polar.model_files import check_model_folder, first_line, local_model_path, remote_code_error
+
+    local = local_model_path(name, "encoder")
+    if local is not None:
+        check_model_folder(local, "encoder", trust_remote_code)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     def load(**extra):
-        tokenizer = AutoTokenizer.from_pretrained(name, cache_dir=cache_dir, **extra)
-        return tokenizer, AutoModel.from_pretrained(name, cache_dir=cache_dir, dtype=dtype, **extra)
+        common = dict(cache_dir=cache_dir, trust_remote_code=trust_remote_code, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(name, **common)
+        return tokenizer, AutoModel.from_pretrained(name, dtype=dtype, use_safetensors=True, **common)
 
     try:
         return load(local_files_only=True)
-    except (OSError, ValueError) as err:
+    except PolarError:
+        raise
+    except Exception as err:  # loaders raise OSError, ValueError, tokenizers' own Exception ...
+        refused = remote_code_error(err, name, "encoder")
+        if refused is not None:
+            raise refused from None
+        if local is not None:
+            raise PolarError(f"{local}: cannot load this encoder ({first_line(err)})") from None
         error: Exception = err
     from polar.loading import hub_reachable
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or not hub_reachable()
-    if not offline and not Path(name).exists():
+    if not offline:
         try:
             return load()
         except (OSError, ValueError) as err:
+            refused = remote_code_error(err, name, "encoder")
+            if refused is not None:
+                raise refused from None
             error = err
-    reason = "the hub is unreachable or HF_HUB_OFFLINE is set" if offline else (
-        str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+    reason = "the hub is unreachable or HF_HUB_OFFLINE is set" if offline else first_line(error)
     raise PolarError(
         f"cannot load encoder {name!r} ({reason}); offline choices: --encoder self, "
         "--encoder minilm or a local directory"
@@ -204,16 +227,21 @@ class SelfEncoder:
 
 
 def build_encoder(
-    spec: EncoderSpec, runner=None, device: str | None = None, cache_dir: str | None = None
+    spec: EncoderSpec, runner=None, device: str | None = None, cache_dir: str | None = None,
+    trust_remote_code: bool = False,
 ) -> QuestionEncoder:
-    """Instantiate the encoder a spec describes; ``self`` needs the base model's runner."""
+    """Instantiate the encoder a spec describes; ``self`` needs the base model's runner.
+
+    ``trust_remote_code`` comes from the user's flag, never from the spec: a checkpoint's JSON
+    can name any folder, and naming one must not be enough to run its code."""
     if spec.name == "hash":
         return HashEncoder(spec.dim, spec.max_length)
     if spec.name == "self":
         if runner is None:
             raise PolarError("encoder 'self' needs the base model (a ProgramRunner)")
         return SelfEncoder(runner, spec.layer, spec.max_length)
-    return HFEncoder(resolve_encoder_name(spec.name), spec.max_length, device, cache_dir)
+    return HFEncoder(resolve_encoder_name(spec.name), spec.max_length, device, cache_dir,
+                     trust_remote_code=trust_remote_code)
 
 
 # --------------------------------------------------------------------------- feature cache
@@ -236,15 +264,19 @@ def encode_cached(
     Features are stored as one float16 matrix of all tokens plus per-question lengths, in
     safetensors (no pickle), written through a temp file so a killed run leaves no partial cache.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
     if cache_dir is None:
         return encoder.encode(texts)
     path = Path(cache_dir) / f"features-{features_key(encoder, texts)}.safetensors"
     if path.exists():
-        data = load_file(str(path))
-        lengths = data["lengths"].tolist()
-        return [chunk.float() for chunk in torch.split(data["features"], lengths)]
+        try:
+            data = load_file(str(path))
+            lengths = data["lengths"].tolist()
+            return [chunk.float() for chunk in torch.split(data["features"], lengths)]
+        except (SafetensorError, KeyError, RuntimeError, OSError) as err:  # damaged: recompute it
+            print(f"note: {path} is unreadable ({type(err).__name__}); encoding again", file=sys.stderr)
     features = encoder.encode(texts)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

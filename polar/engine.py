@@ -6,21 +6,16 @@ LM head, and it must equal a physically unrolled model whose k-th layer is a cop
 separate cache entry (the authors' release shares one slot between the two passes, which makes
 results depend on the attention backend and on whether a cache is used).
 
-**Schedule.** A batch holds rows with different programs. We merge them into one *schedule*: a
-list of steps ``(layer, rows)``; every row whose next program position is that step's layer takes
-part, so the weights of each step are read once for all its rows. Any layer sequence that contains
-every row's program as a subsequence (a *common supersequence*) is a valid schedule, and decode
-time is roughly proportional to its length (a decode step is memory-bound: a step serving one row
-costs nearly as much as one serving all). Finding the shortest is NP-hard, so
-:func:`build_schedule` takes the shorter of two heuristics: *greedy-min* (always run the smallest
-pending layer: one sweep over ``0..D-1`` plus one extra step per repeated layer, optimal when the
-rows' repeats don't overlap) and a *beam search* over merge states that keeps the states with the
-smallest lower bound (longest remaining program, then total remaining work). The beam lets a row
-wait for others that will need the same layer soon instead of running it alone right away; on 64
-MCTS-like programs (1-3 skips/repeats of 1-4-layer blocks, 28 layers) it cuts the schedule from
-~110 to ~77 steps. Each row's k-th program position maps to one fixed step for the whole
-generation, so the KV cache is indexed by *step* (:class:`StepCache`) and holds only that step's
-rows: memory equals the unrolled model's, no more.
+:class:`ProgramRunner` is the public face. A ``generate`` call
+
+1. splits the rows into *chunks* of similar prompt length (:func:`polar.schedule.plan_groups`), so
+   that one long prompt does not make every row pay for its width in attention and padding;
+2. hands each chunk to a *backend*: :class:`EagerBackend` (any device, any architecture) or, on
+   CUDA, :class:`polar.cuda_engine.CudaGraphDecoder` (static KV slots and CUDA graphs). Both merge
+   the chunk's programs into one schedule of shared layer steps (:mod:`polar.schedule`), prefill
+   through :mod:`polar.prefill` (length groups, full-depth prefixes from the runner's
+   :class:`polar.prompt_cache.PromptCache`) and decode greedily with per-row early exit; both give
+   the same tokens.
 
 The engine calls the model's own decoder-layer modules (attention, MLP, MoE, norms) and only
 replaces the loop around them and the cache object they write into, so one code path serves Llama,
@@ -30,19 +25,29 @@ Qwen2, Qwen2-MoE, Qwen3, Mistral and other HF decoder-only models with a ``layer
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from polar.errors import UnsupportedModelError
+from polar.prefill import NullSink, prefill
 from polar.programs import full_program, validate_program
+from polar.prompt_cache import PromptCache
+from polar.schedule import Step, build_schedule, plan_groups
 
 Prompt = str | Sequence[int]
 
 #: Architectures whose equivalence with HF's own forward is covered by the test suite.
 TESTED_MODEL_TYPES = {"llama", "qwen2", "qwen2_moe", "qwen3", "mistral"}
+
+#: Prompt strings whose token ids a runner remembers.
+ENCODE_CACHE_SIZE = 16384
+
+#: Chunks of a ``generate`` call are planned on prompt lengths rounded up to this many tokens.
+CHUNK_UNIT = 64
 
 
 @dataclass
@@ -56,101 +61,13 @@ class Generation:
     program: list[int] = field(default_factory=list)
 
 
-# --------------------------------------------------------------------------- schedule
+class Backend(Protocol):
+    """What runs one chunk of rows: greedy tokens per row (stop token excluded) and whether a stop
+    token ended each row."""
 
-
-@dataclass
-class Step:
-    layer: int
-    rows: torch.Tensor  # long, indices into the current batch
-    all_rows: bool  # rows == arange(batch): no gather/scatter needed
-
-
-#: Beam width of the schedule search: ~50 ms of CPU for 64 rows of ~30 layers, small next to the
-#: decode time it saves (each step removed saves one layer per generated token).
-SCHEDULE_BEAM = 64
-
-
-def _greedy_min_order(programs: Sequence[Sequence[int]]) -> list[int]:
-    """Layer order that always runs the smallest pending layer."""
-    cursors = [0] * len(programs)
-    order: list[int] = []
-    while True:
-        pending = [p[c] for p, c in zip(programs, cursors) if c < len(p)]
-        if not pending:
-            return order
-        layer = min(pending)
-        order.append(layer)
-        for r, p in enumerate(programs):
-            if cursors[r] < len(p) and p[cursors[r]] == layer:
-                cursors[r] += 1
-
-
-def _beam_order(programs: Sequence[Sequence[int]], width: int) -> list[int]:
-    """Common supersequence of ``programs`` by beam search over cursor vectors.
-
-    A state is every row's cursor; a move runs one layer for all rows whose next layer it is.
-    States are ranked by a lower bound on the steps still needed (the longest remaining program),
-    then by total remaining work; duplicates (reached by different orders) are merged by a hash
-    of the cursors. Vectorised over states x layers x rows so that 64 rows take tens of ms.
-    """
-    import numpy as np
-
-    rows = len(programs)
-    lengths = np.array([len(p) for p in programs], dtype=np.int64)
-    depth = max(max(p) for p in programs) + 1
-    table = np.full((rows, int(lengths.max()) + 1), -1, dtype=np.int64)
-    for r, p in enumerate(programs):
-        table[r, : len(p)] = p
-    salt = np.random.default_rng(0).integers(1, 1 << 62, rows)
-    cursors = np.zeros((1, rows), dtype=np.int64)
-    history: list[tuple[np.ndarray, np.ndarray]] = []
-    row_index, layers = np.arange(rows)[None, :], np.arange(depth)[None, :, None]
-    while True:
-        remaining = lengths[None, :] - cursors
-        bound = remaining.max(1)
-        if bound.min() == 0:
-            state, order = int(np.argmin(bound)), []
-            for parent, layer in reversed(history):
-                order.append(int(layer[state]))
-                state = int(parent[state])
-            return order[::-1]
-        moves = table[row_index, cursors][:, None, :] == layers  # [states, layers, rows]
-        state_idx, layer_idx = np.nonzero(moves.any(-1))
-        advance = moves[state_idx, layer_idx]
-        left = remaining[state_idx] - advance
-        rank = left.max(1) * (1 << 32) + left.sum(1)
-        digest = ((cursors[state_idx] + advance) * salt).sum(1)
-        ranked = np.lexsort((digest, rank))
-        fresh = np.ones(len(ranked), dtype=bool)
-        fresh[1:] = digest[ranked][1:] != digest[ranked][:-1]
-        keep = ranked[fresh][:width]
-        cursors = cursors[state_idx[keep]] + advance[keep]
-        history.append((state_idx[keep], layer_idx[keep]))
-
-
-def build_schedule(programs: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> list[Step]:
-    """Merge per-row programs into shared steps (see module docstring).
-
-    Every row advances by one program position in each step it takes part in, so the steps a
-    row takes part in, read in order, are exactly its program.
-    """
-    programs = [list(p) for p in programs]
-    order = _greedy_min_order(programs)
-    distinct = {tuple(p) for p in programs}
-    if len(distinct) > 1 and len(order) > max(len(p) for p in programs):
-        beam = _beam_order(programs, SCHEDULE_BEAM)
-        if len(beam) < len(order):
-            order = beam
-    cursors = [0] * len(programs)
-    steps: list[Step] = []
-    batch = len(programs)
-    for layer in order:
-        rows = [r for r, (p, c) in enumerate(zip(programs, cursors)) if c < len(p) and p[c] == layer]
-        for r in rows:
-            cursors[r] += 1
-        steps.append(Step(layer, torch.tensor(rows, dtype=torch.long, device=device), len(rows) == batch))
-    return steps
+    def generate_chunk(
+        self, token_lists: list[list[int]], programs: list[list[int]], max_new_tokens: int, stops: set[int]
+    ) -> tuple[list[list[int]], list[bool]]: ...
 
 
 # --------------------------------------------------------------------------- cache
@@ -161,92 +78,63 @@ class StepCache:
 
     HF attention modules call ``cache.update(k, v, layer_idx, ...)`` with their *model* layer
     index; we ignore it and write into the slot of the step being run (``self.current``), which
-    is what gives every program position its own state.
+    is what gives every program position its own state. Prefill writes through :meth:`store`.
     """
 
-    def __init__(self, num_steps: int, capacity: int):
-        self.keys: list[torch.Tensor | None] = [None] * num_steps
-        self.values: list[torch.Tensor | None] = [None] * num_steps
+    def __init__(self, steps: list[Step], capacity: int):
+        self.rows = [len(s.members) for s in steps]
+        self.keys: list[torch.Tensor | None] = [None] * len(steps)
+        self.values: list[torch.Tensor | None] = [None] * len(steps)
         self.capacity = capacity
         self.length = 0  # tokens already stored (same for every row: rows advance together)
         self.current = 0
 
+    def _buffers(self, step: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[step] is None:
+            # zeros: columns left of a shorter prompt are masked, but must hold finite values
+            shape = (self.rows[step], like.shape[1], self.capacity, like.shape[-1])
+            self.keys[step] = like.new_zeros(shape)
+            self.values[step] = like.new_zeros(shape)
+        return self.keys[step], self.values[step]  # type: ignore[return-value]
+
+    def store(self, step: int, members: torch.Tensor, key: torch.Tensor, value: torch.Tensor, offset: int) -> None:
+        k_buf, v_buf = self._buffers(step, key)
+        end = offset + key.shape[-2]
+        k_buf[members, :, offset:end] = key
+        v_buf[members, :, offset:end] = value
+
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int = 0, *args: Any, **kwargs: Any):
         step, start = self.current, self.length
         end = start + key.shape[-2]
-        if self.keys[step] is None:
-            shape = (*key.shape[:-2], self.capacity, key.shape[-1])
-            self.keys[step] = key.new_empty(shape)
-            self.values[step] = value.new_empty((*value.shape[:-2], self.capacity, value.shape[-1]))
-        k_buf, v_buf = self.keys[step], self.values[step]
+        k_buf, v_buf = self._buffers(step, key)
         k_buf[..., start:end, :] = key
         v_buf[..., start:end, :] = value
         return k_buf[..., :end, :], v_buf[..., :end, :]
 
     def keep_rows(self, steps: list[Step], keep: torch.Tensor) -> list[Step]:
         """Drop finished rows (``keep`` is a bool mask over the batch); return the new schedule."""
-        new_index = torch.cumsum(keep.long(), 0) - 1
-        batch = int(keep.sum())
+        keep_host = keep.tolist()
+        new_index, kept = [], 0
+        for flag in keep_host:
+            new_index.append(kept if flag else -1)
+            kept += bool(flag)
         new_steps = []
         for s, step in enumerate(steps):
-            mask = keep[step.rows]
-            if self.keys[s] is not None and not bool(mask.all()):
-                self.keys[s] = self.keys[s][mask]
-                self.values[s] = self.values[s][mask]
-            rows = new_index[step.rows[mask]]
-            new_steps.append(Step(step.layer, rows, len(rows) == batch))
+            mask = [keep_host[r] for r in step.members]
+            if self.keys[s] is not None and not all(mask):
+                index = torch.tensor([j for j, m in enumerate(mask) if m], dtype=torch.long, device=self.keys[s].device)
+                self.keys[s] = self.keys[s].index_select(0, index)
+                self.values[s] = self.values[s].index_select(0, index)
+            members = tuple(new_index[r] for r in step.members if keep_host[r])
+            positions = tuple(p for r, p in zip(step.members, step.positions) if keep_host[r])
+            rows = torch.tensor(members, dtype=torch.long, device=step.rows.device)
+            new_steps.append(Step(step.layer, rows, len(members) == kept, members, positions))
+            self.rows[s] = len(members)
         return new_steps
 
     # Methods some HF code paths probe on cache objects.
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
-
-
-class _ShareTracker:
-    """Which rows of a fresh pass still hold identical states (see ``_run_layers``)."""
-
-    def __init__(self, share: list[int]):
-        self.ids = list(share)
-        self._intern: dict[tuple[int, int], int] = {}
-
-    def advance(self, rows: list[int], step: int) -> tuple[list[int], list[int]]:
-        """Representatives of the rows taking part in ``step``, and for each row the position of
-        its representative; then record that these rows took this step."""
-        first: dict[int, int] = {}
-        reps: list[int] = []
-        expand: list[int] = []
-        for r in rows:
-            group = self.ids[r]
-            if group not in first:
-                first[group] = len(reps)
-                reps.append(r)
-            expand.append(first[group])
-        for r in rows:
-            key = (self.ids[r], step)
-            self.ids[r] = self._intern.setdefault(key, len(self._intern) + len(self.ids))
-        return reps, expand
-
-
-class _ExpandingCache:
-    """Wraps a cache during a shared first pass: the layer runs on representatives only, and
-    their k/v are stored once per row. Valid only while the cache is empty before the call
-    (a first pass), so attention needs nothing but the k/v just computed."""
-
-    def __init__(self, inner: Any, expand: torch.Tensor):
-        self.inner, self.expand = inner, expand
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any):
-        self.inner.update(key[self.expand], value[self.expand], *args, **kwargs)
-        return key, value
-
-    def get_seq_length(self, *args: Any) -> int:
-        return 0
-
-
-def share_groups(token_lists: Sequence[Sequence[int]]) -> list[int]:
-    """Group id per row: rows with the same tokens get the same id."""
-    seen: dict[tuple[int, ...], int] = {}
-    return [seen.setdefault(tuple(t), len(seen)) for t in token_lists]
 
 
 # --------------------------------------------------------------------------- runner
@@ -256,10 +144,19 @@ class ProgramRunner:
     """Run a HF decoder-only LM under arbitrary per-row programs of its layers.
 
     ``logits`` (no cache) and ``generate`` (greedy, KV cache) take one program per row; rows may
-    all differ. The model is used as loaded; the runner keeps no per-request state on it.
+    all differ. The model is used as loaded; the runner keeps no per-request state on it, only
+    caches that never change results (the prompt cache, the CUDA decoder's compiled graphs).
+
+    Speed features, each of which can be switched off (results stay the same):
+    ``use_prompt_cache`` (full-depth prompt states reused across calls; ``prompt_cache_bytes``
+    bounds its memory), ``length_chunks`` (rows grouped by prompt length instead of input order)
+    and, on CUDA, the fast path (:meth:`enable_fast_path`; ``runner.fast_path = None`` disables it).
     """
 
-    def __init__(self, model: Any, tokenizer: Any = None, source: str | None = None, max_batch_size: int = 64):
+    def __init__(
+        self, model: Any, tokenizer: Any = None, source: str | None = None, max_batch_size: int = 64,
+        prompt_cache_bytes: int | None = None,
+    ):
         backbone = getattr(model, "model", None)
         layers = getattr(backbone, "layers", None)
         missing = [n for n in ("embed_tokens", "norm", "rotary_emb") if not hasattr(backbone, n)]
@@ -281,9 +178,18 @@ class ProgramRunner:
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._sliding = self._sliding_layers()
         self._stop_ids = self._find_stop_ids()
-        # Optional accelerated decoder for this device (static caches + CUDA graphs); it takes
-        # over `_generate_chunk` and must give the same tokens. See polar/cuda_engine.py.
-        self.fast_path: Any = None
+        self._encoded: OrderedDict[str, list[int]] = OrderedDict()
+        self.backend: Backend = EagerBackend(self)
+        self.use_prompt_cache = True
+        self.prompt_cache_bytes = prompt_cache_bytes
+        self._prompt_cache: PromptCache | None = None
+        self.length_chunks = True
+        # Prefill grouping (see polar.prefill): the fixed cost of one more length group, in
+        # row-tokens of compute (None: by device), and the most rows*tokens one group may hold
+        # (activation memory).
+        self.prefill_group_tokens: float | None = None
+        self.prefill_max_tokens = 1 << 18
+        self._row_cap: int | None = None  # rows per chunk that fit in memory, once learned
         if getattr(self.config, "model_type", None) not in TESTED_MODEL_TYPES:
             self.check_against_hf()  # an untested architecture must prove itself before use
 
@@ -307,7 +213,7 @@ class ProgramRunner:
             runner.enable_fast_path()
         return runner
 
-    def enable_fast_path(self) -> bool:
+    def enable_fast_path(self, **options: Any) -> bool:
         """Use the CUDA-graph decoder when the device and architecture allow it."""
         try:
             from polar.cuda_engine import CudaGraphDecoder
@@ -315,8 +221,52 @@ class ProgramRunner:
             return False
         if not CudaGraphDecoder.supports(self):
             return False
-        self.fast_path = CudaGraphDecoder(self)
+        self.backend = CudaGraphDecoder(self, **options)
         return True
+
+    @property
+    def fast_path(self) -> Any:
+        """The CUDA decoder when it is the backend, else None; assign None to use the eager path."""
+        return None if isinstance(self.backend, EagerBackend) else self.backend
+
+    @fast_path.setter
+    def fast_path(self, decoder: Any) -> None:
+        self.backend = EagerBackend(self) if decoder is None else decoder
+
+    @property
+    def prompt_cache(self) -> PromptCache | None:
+        """The cache of full-depth prompt states (created on first use), or None when disabled."""
+        if not self.use_prompt_cache:
+            return None
+        if self._prompt_cache is None:
+            attn = self._layers[0].self_attn
+            config = self.config
+            kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+            head_dim = int(getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+            budget = self.prompt_cache_bytes if self.prompt_cache_bytes is not None else self._default_cache_bytes()
+            self._prompt_cache = PromptCache(
+                self.num_layers, kv_heads, head_dim, self._backbone.embed_tokens.weight.shape[1],
+                self.dtype, self.device, budget,
+            )
+        return self._prompt_cache
+
+    def _default_cache_bytes(self) -> int:
+        """35% of the device memory free now (CUDA), else 1 GiB: the rest is left for KV slots
+        and activations of batches of a thousand sequences."""
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * 0.35)
+        return 1 << 30
+
+    def release_memory(self) -> None:
+        """Drop every cache that only saves time (prompt states, idle decoder buffers)."""
+        if self._prompt_cache is not None:
+            self._prompt_cache.clear()
+        release = getattr(self.backend, "release_memory", None)
+        if release is not None:
+            release()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @property
     def num_layers(self) -> int:
@@ -366,15 +316,23 @@ class ProgramRunner:
     # ---- inputs
 
     def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
-        """Token ids per prompt; strings are tokenised (BOS added unless the text already has it)."""
+        """Token ids per prompt; strings are tokenised (BOS added unless the text already has it).
+        Recent strings are remembered: search sends the same prompts every round."""
         out = []
         for prompt in prompts:
             if isinstance(prompt, str):
                 if self.tokenizer is None:
                     raise ValueError("string prompts need a tokenizer; pass token ids or a tokenizer")
-                bos = getattr(self.tokenizer, "bos_token", None)
-                add_special = not (bos and prompt.startswith(bos))
-                out.append(list(self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]))
+                ids = self._encoded.get(prompt)
+                if ids is None:
+                    bos = getattr(self.tokenizer, "bos_token", None)
+                    add_special = not (bos and prompt.startswith(bos))
+                    ids = self._encoded[prompt] = list(self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"])
+                    while len(self._encoded) > ENCODE_CACHE_SIZE:
+                        self._encoded.popitem(last=False)
+                else:
+                    self._encoded.move_to_end(prompt)
+                out.append(list(ids))
             else:
                 out.append([int(t) for t in prompt])
             if not out[-1]:
@@ -392,15 +350,18 @@ class ProgramRunner:
                 raise ValueError(f"program {i}: {err}") from None
         return checked
 
-    def _pad_left(self, token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pad_left(self, token_lists: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(t) for t in token_lists)
-        pad = 0
-        ids = torch.full((len(token_lists), width), pad, dtype=torch.long)
+        ids = torch.zeros((len(token_lists), width), dtype=torch.long)
         mask = torch.zeros((len(token_lists), width), dtype=torch.long)
         for r, toks in enumerate(token_lists):
             ids[r, width - len(toks):] = torch.tensor(toks, dtype=torch.long)
             mask[r, width - len(toks):] = 1
-        return ids.to(self.device), mask.to(self.device)
+        both = torch.stack([ids, mask])
+        if self.device.type == "cuda":
+            both = both.pin_memory()
+        both = both.to(self.device, non_blocking=True)
+        return both[0], both[1]
 
     # ---- core forward
 
@@ -421,54 +382,27 @@ class ProgramRunner:
         return masks
 
     def _run_layers(
-        self,
-        hidden: torch.Tensor,
-        steps: list[Step],
-        masks: dict[int | None, torch.Tensor],
-        position_ids: torch.Tensor,
-        cache: Any,
-        share: list[int] | None = None,
+        self, hidden: torch.Tensor, steps: list[Step], masks: dict[int | None, torch.Tensor],
+        position_ids: torch.Tensor, cache: StepCache,
     ) -> torch.Tensor:
-        """Run the schedule over ``hidden`` ``[B, T, H]``.
-
-        ``share`` (a full pass over fresh prompts only, e.g. prefill) gives each row a group id;
-        rows with the same id have identical inputs. Rows that also took part in the same steps
-        so far still hold identical states, so each step computes one representative per such
-        group and copies the result (and its KV) to the others: the programs of one question
-        share the prompt and usually their first layers, which are then computed once.
-        """
+        """One decode step of the schedule over ``hidden`` ``[B, 1, H]`` (generic path)."""
         cos, sin = self._backbone.rotary_emb(hidden, position_ids)
-        groups = _ShareTracker(share) if share is not None else None
         for s, step in enumerate(steps):
-            if len(step.rows) == 0:
+            if not step.members:
                 continue
             mask = masks[self._sliding.get(step.layer)]
-            rows, expand, step_cache = step.rows, None, cache
-            if groups is not None:
-                reps, expand = groups.advance(step.rows.tolist(), s)
-                if len(reps) < len(step.rows):
-                    rows = torch.tensor(reps, dtype=torch.long, device=hidden.device)
-                    expand = torch.tensor(expand, dtype=torch.long, device=hidden.device)
-                    step_cache = _ExpandingCache(cache, expand) if cache is not None else None
-                else:
-                    expand = None
-            if step.all_rows and expand is None:
+            if step.all_rows:
                 h, m, pe, pos = hidden, mask, (cos, sin), position_ids
             else:
+                rows = step.rows
                 h, m, pe, pos = hidden[rows], mask[rows], (cos[rows], sin[rows]), position_ids[rows]
-            if cache is not None:
-                cache.current = s
+            cache.current = s
             out = self._layers[step.layer](
                 h, attention_mask=m, position_ids=pos, position_embeddings=pe,
-                **{self._cache_kwarg: step_cache}, use_cache=cache is not None,
+                **{self._cache_kwarg: cache}, use_cache=True,
             )
             out = out[0] if isinstance(out, tuple) else out
-            if expand is not None:
-                out = out[expand]
-            if step.all_rows:
-                hidden = out
-            else:
-                hidden = hidden.index_copy(0, step.rows, out)
+            hidden = out if step.all_rows else hidden.index_copy(0, step.rows, out)
         return hidden
 
     def _positions(self, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -487,16 +421,21 @@ class ProgramRunner:
 
         Left padding is expected when ``attention_mask`` is given; padded positions are garbage.
         """
-        input_ids = input_ids.to(self.device)
-        programs = self._check_programs(programs, input_ids.shape[0])
+        batch, total = input_ids.shape
+        programs = self._check_programs(programs, batch)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.to(self.device)
-        hidden = self._backbone.embed_tokens(input_ids)
+        ids, mask = input_ids.cpu(), attention_mask.cpu().bool()
+        token_lists = []
+        for r in range(batch):
+            n = int(mask[r].sum())
+            if n == 0 or not bool(mask[r, total - n:].all()):
+                raise ValueError(f"row {r}: attention_mask must mark a non-empty, left-padded prompt")
+            token_lists.append(ids[r, total - n:].tolist())
         steps = build_schedule(programs, self.device)
-        masks = self._attention_masks(attention_mask, input_ids.shape[1])
-        rows = [tuple((ids * m).tolist()) + tuple(m.tolist()) for ids, m in zip(input_ids, attention_mask)]
-        hidden = self._run_layers(hidden, steps, masks, self._positions(attention_mask), None, share=share_groups(rows))
+        hidden = prefill(self, token_lists, programs, steps, NullSink(), keep_all=True)
+        if hidden.shape[1] < total:
+            hidden = torch.cat([hidden.new_zeros(batch, total - hidden.shape[1], hidden.shape[2]), hidden], 1)
         return self.model.lm_head(self._backbone.norm(hidden)).float()
 
     @torch.inference_mode()
@@ -509,14 +448,16 @@ class ProgramRunner:
         out: list[torch.Tensor] = []
         for start in range(0, len(tokens), self.max_batch_size):
             chunk = tokens[start:start + self.max_batch_size]
-            ids, mask = self._pad_left(chunk)
-            hidden = self._backbone.embed_tokens(ids)
-            if layer > 0:
-                steps = build_schedule([list(range(layer))] * len(chunk), self.device)
-                masks = self._attention_masks(mask, ids.shape[1])
-                hidden = self._run_layers(hidden, steps, masks, self._positions(mask), None)
+            if layer == 0:
+                for toks in chunk:
+                    ids = torch.tensor(toks, device=self.device)
+                    out.append(self._backbone.embed_tokens(ids).float().cpu())
+                continue
+            programs = [list(range(layer))] * len(chunk)
+            steps = build_schedule(programs, self.device)
+            hidden = prefill(self, chunk, programs, steps, NullSink(), keep_all=True)
             for r, toks in enumerate(chunk):
-                out.append(hidden[r, ids.shape[1] - len(toks):].float().cpu())
+                out.append(hidden[r, hidden.shape[1] - len(toks):].float().cpu())
         return out
 
     def generate(
@@ -529,9 +470,10 @@ class ProgramRunner:
     ) -> list[Generation]:
         """Greedy continuation of each prompt under its program (default: full depth).
 
-        Prompts are processed in chunks of ``batch_size`` (default ``max_batch_size``); inside a
-        chunk all programs run in one heterogeneous batch. Sequences stop at a stop token
-        (``stop_token_ids``, default :attr:`stop_token_ids`; an empty set never stops early).
+        Rows run in chunks of at most ``batch_size`` (default ``max_batch_size``), grouped by
+        prompt length (:meth:`plan_chunks`); inside a chunk all programs run in one heterogeneous
+        batch. Sequences stop at a stop token (``stop_token_ids``, default :attr:`stop_token_ids`;
+        an empty set never stops early). A chunk that does not fit in device memory is split.
         """
         stops = self._stop_ids if stop_token_ids is None else set(stop_token_ids)
         token_lists = self.encode(prompts)
@@ -539,61 +481,68 @@ class ProgramRunner:
             programs = [full_program(self.num_layers)] * len(token_lists)
         programs = self._check_programs(programs, len(token_lists))
         size = batch_size or self.max_batch_size
-        results: list[Generation] = []
-        for start in range(0, len(token_lists), size):
-            chunk = token_lists[start:start + size]
-            new_tokens, stopped = self._generate_chunk(chunk, programs[start:start + size], max_new_tokens, stops)
-            for toks, stop, program in zip(new_tokens, stopped, programs[start:start + size]):
+        results: list[Generation | None] = [None] * len(token_lists)
+        for chunk in self.plan_chunks([len(t) for t in token_lists], max_new_tokens, size):
+            new_tokens, stopped = self._run_chunk(
+                [token_lists[i] for i in chunk], [programs[i] for i in chunk], max_new_tokens, stops
+            )
+            for i, toks, stop in zip(chunk, new_tokens, stopped):
                 text = self.tokenizer.decode(toks, skip_special_tokens=True) if self.tokenizer is not None else ""
-                results.append(Generation(toks, text, len(program), stop, list(program)))
-        return results
+                results[i] = Generation(toks, text, len(programs[i]), stop, list(programs[i]))
+        return results  # type: ignore[return-value]
 
-    @torch.inference_mode()
+    def plan_chunks(self, lengths: Sequence[int], max_new_tokens: int, size: int) -> list[list[int]]:
+        """Row indices of each chunk a ``generate`` call runs.
+
+        With ``length_chunks`` (default), rows are grouped by prompt length to minimise the
+        decode cost model of :meth:`_chunk_costs` (attention reads padded columns; every chunk
+        pays one more pass over the layers' weights per token); otherwise input order."""
+        size = max(1, min(size, self._row_cap or size))
+        if not self.length_chunks:
+            return [list(range(i, min(i + size, len(lengths)))) for i in range(0, len(lengths), size)]
+        cell, fixed = self._chunk_costs()
+        groups = plan_groups(lengths, CHUNK_UNIT, cell, fixed, extra=max_new_tokens, max_rows=size)
+        return [sorted(g) for g in groups]
+
+    def _chunk_costs(self) -> tuple[float, float]:
+        """Decode cost per token, in bytes: (one row's KV column over all layers, one chunk's
+        pass over the weights of ~2D schedule steps plus their launches on CUDA)."""
+        config = self.config
+        attn = self._layers[0].self_attn
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+        head_dim = int(getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        size = torch.empty((), dtype=self.dtype).element_size()
+        column = self.num_layers * 2 * kv_heads * head_dim * size
+        layer = sum(p.numel() for p in self._layers[0].parameters()) * size
+        launch = 256 * 2**20 if self.device.type == "cuda" else 0
+        return float(column), float(2 * self.num_layers * (layer + launch))
+
+    def _run_chunk(
+        self, token_lists: list[list[int]], programs: list[list[int]], max_new_tokens: int, stops: set[int]
+    ) -> tuple[list[list[int]], list[bool]]:
+        """One chunk through the backend; a chunk that runs out of device memory is halved (and
+        later chunks are planned at the size that fitted)."""
+        try:
+            return self._generate_chunk(token_lists, programs, max_new_tokens, stops)
+        except torch.OutOfMemoryError:
+            if len(token_lists) == 1:
+                raise
+        self.release_memory()
+        half = len(token_lists) // 2
+        if self._row_cap is None or half < self._row_cap:
+            import sys
+
+            print(f"polar: {len(token_lists)} sequences did not fit in device memory; running "
+                  f"at most {half} at a time", file=sys.stderr)
+            self._row_cap = half
+        first = self._run_chunk(token_lists[:half], programs[:half], max_new_tokens, stops)
+        second = self._run_chunk(token_lists[half:], programs[half:], max_new_tokens, stops)
+        return first[0] + second[0], first[1] + second[1]
+
     def _generate_chunk(
         self, token_lists: list[list[int]], programs: list[list[int]], max_new_tokens: int, stops: set[int]
     ) -> tuple[list[list[int]], list[bool]]:
-        if self.fast_path is not None:
-            return self.fast_path.generate_chunk(token_lists, programs, max_new_tokens, stops)
-        batch = len(token_lists)
-        outputs: list[list[int]] = [[] for _ in range(batch)]
-        stopped = [False] * batch
-        if max_new_tokens <= 0:
-            return outputs, stopped
-        ids, key_valid = self._pad_left(token_lists)
-        steps = build_schedule(programs, self.device)
-        cache = StepCache(len(steps), ids.shape[1] + max_new_tokens)
-        positions = self._positions(key_valid)
-        origin = torch.arange(batch, device=self.device)  # batch row -> original index
-        stop_ids = torch.tensor(sorted(stops) or [-1], device=self.device)
-
-        hidden = self._backbone.embed_tokens(ids)
-        masks = self._attention_masks(key_valid, ids.shape[1])
-        hidden = self._run_layers(hidden, steps, masks, positions, cache, share=share_groups(token_lists))
-        cache.length = ids.shape[1]
-        last_pos = positions[:, -1:]
-        for t in range(max_new_tokens):
-            logits = self.model.lm_head(self._backbone.norm(hidden[:, -1:]))[:, -1]
-            next_tokens = logits.argmax(-1)
-            done = torch.isin(next_tokens, stop_ids)
-            for row, (orig, tok, fin) in enumerate(zip(origin.tolist(), next_tokens.tolist(), done.tolist())):
-                if fin:
-                    stopped[orig] = True
-                else:
-                    outputs[orig].append(tok)
-            if t == max_new_tokens - 1 or bool(done.all()):
-                break
-            if bool(done.any()):
-                keep = ~done
-                steps = cache.keep_rows(steps, keep)
-                origin, next_tokens = origin[keep], next_tokens[keep]
-                key_valid, last_pos = key_valid[keep], last_pos[keep]
-            key_valid = torch.cat([key_valid, torch.ones_like(key_valid[:, :1])], dim=1)
-            last_pos = last_pos + 1
-            hidden = self._backbone.embed_tokens(next_tokens[:, None])
-            masks = self._attention_masks(key_valid, 1)
-            hidden = self._run_layers(hidden, steps, masks, last_pos, cache)
-            cache.length += 1
-        return outputs, stopped
+        return self.backend.generate_chunk(token_lists, programs, max_new_tokens, stops)
 
     # ---- self-check
 
@@ -614,3 +563,59 @@ class ProgramRunner:
             )
         return diff
 
+
+
+# --------------------------------------------------------------------------- generic backend
+
+
+class EagerBackend:
+    """The generic path: the model's HF layers run eagerly over the schedule, KV in a
+    :class:`StepCache`. Works on any device and for every supported architecture."""
+
+    def __init__(self, runner: ProgramRunner):
+        self.runner = runner
+
+    @torch.inference_mode()
+    def generate_chunk(
+        self, token_lists: list[list[int]], programs: list[list[int]], max_new_tokens: int, stops: set[int]
+    ) -> tuple[list[list[int]], list[bool]]:
+        runner = self.runner
+        batch = len(token_lists)
+        outputs: list[list[int]] = [[] for _ in range(batch)]
+        stopped = [False] * batch
+        if max_new_tokens <= 0 or batch == 0:
+            return outputs, stopped
+        device = runner.device
+        width = max(len(t) for t in token_lists)
+        steps = build_schedule(programs, device)
+        cache = StepCache(steps, width + max_new_tokens)
+        hidden = prefill(runner, token_lists, programs, steps, cache, cache=runner.prompt_cache)
+        cache.length = width
+        lengths = torch.tensor([len(t) for t in token_lists], device=device)
+        key_valid = (torch.arange(width, device=device)[None, :] >= width - lengths[:, None]).long()
+        last_pos = (lengths - 1)[:, None]
+        origin = torch.arange(batch, device=device)  # batch row -> original index
+        stop_ids = torch.tensor(sorted(stops) or [-1], device=device)
+        for t in range(max_new_tokens):
+            logits = runner.model.lm_head(runner._backbone.norm(hidden[:, -1:]))[:, -1]
+            next_tokens = logits.argmax(-1)
+            done = torch.isin(next_tokens, stop_ids)
+            for orig, tok, fin in zip(origin.tolist(), next_tokens.tolist(), done.tolist()):
+                if fin:
+                    stopped[orig] = True
+                else:
+                    outputs[orig].append(tok)
+            if t == max_new_tokens - 1 or bool(done.all()):
+                break
+            if bool(done.any()):
+                keep = ~done
+                steps = cache.keep_rows(steps, keep)
+                origin, next_tokens = origin[keep], next_tokens[keep]
+                key_valid, last_pos = key_valid[keep], last_pos[keep]
+            key_valid = torch.cat([key_valid, torch.ones_like(key_valid[:, :1])], dim=1)
+            last_pos = last_pos + 1
+            hidden = runner._backbone.embed_tokens(next_tokens[:, None])
+            masks = runner._attention_masks(key_valid, 1)
+            hidden = runner._run_layers(hidden, steps, masks, last_pos, cache)
+            cache.length += 1
+        return outputs, stopped

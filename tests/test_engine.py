@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from polar.engine import ProgramRunner, build_schedule
+from polar.engine import ProgramRunner
+from polar.schedule import build_schedule
 from polar.errors import UnsupportedModelError
 
 D = 6

@@ -37,7 +37,7 @@ class FakeRunner:
         self.tokenizer = FakeTokenizer()
         self.calls: list[tuple[list[str], list[list[int]]]] = []
 
-    def generate(self, prompts, programs, max_new_tokens=50):
+    def generate(self, prompts, programs, max_new_tokens=50, **kwargs):
         self.calls.append((list(prompts), [list(p) for p in programs]))
         return [FakeGeneration([1], f"So \\boxed{{{len(p)}}}", len(p)) for p in programs]
 
@@ -103,7 +103,7 @@ def test_identical_pairs_run_once():
 
 def test_answer_mode_lenient_accepts_an_unboxed_final_answer():
     class Plain(FakeRunner):
-        def generate(self, prompts, programs, max_new_tokens=50):
+        def generate(self, prompts, programs, max_new_tokens=50, **kwargs):
             return [FakeGeneration([1], "The answer is 7", 2) for _ in programs]
 
     question = [q(0, 2, "7")]

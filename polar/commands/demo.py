@@ -50,6 +50,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is faster on a machine whose "
                         "cores are busy with other jobs)")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="allow the model's and the encoder's own Python code to run (off by default)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, questions=args.questions, validation=args.validation,
         test_questions=args.test_questions, simulations=args.simulations, seed=args.seed, encoder=args.encoder,
         epochs=args.epochs, drop_original=not args.keep_original, top_k=args.top_k, batch_size=args.batch_size,
-        device=args.device, dtype=args.dtype,
+        device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
         out=args.out, progress=not args.no_progress,
     )
     report = run_demo(config)

@@ -28,8 +28,9 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model_path", default=DEFAULT_MODEL, help="hub id, local directory or .gguf file")
-    p.add_argument("--dataset", choices=DATASETS, default="math",
-                   help="question pool; 'math' is the offline equivalent of 'dart' (default: math)")
+    p.add_argument("--dataset", type=dataset_argument, default="math", metavar="NAME_OR_PATH",
+                   help=f"question pool: {', '.join(DATASETS)}; 'math' is the offline equivalent of 'dart'; a local copy of the "
+                        "DART-Math pool (.jsonl/.json/.parquet file or folder) is read as 'dart' (default: math)")
     p.add_argument("--target_diff", type=int, choices=range(1, 6), metavar="N", help="difficulty level 1-5")
     p.add_argument("--limit", type=positive_int, default=None, help="search only this many questions")
     p.add_argument("--offset", type=non_negative_int, default=0, help="skip this many questions first")
@@ -60,7 +61,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="output root (like --data_root of training)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace results made with other settings under --out (default: refuse and name them)")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="allow the model's own Python code to run (off by default)")
     p.set_defaults(func=run)
+
+
+def dataset_argument(value: str) -> str:
+    """A name from DATASETS, or a local DART-Math pool file or folder."""
+    from polar.dart_pool import is_local_pool
+
+    if value in DATASETS or is_local_pool(value):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"{value!r} is neither one of {', '.join(DATASETS)} nor a DART-Math pool file or folder (.jsonl, .json, .parquet)"
+    )
 
 
 def load_question_list(dataset: str, target_diff: int | None, offset: int, limit: int | None) -> list[Any]:
@@ -90,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     if args.min_length is not None and args.max_length is not None and args.min_length > args.max_length:
         raise ValueError(f"argument --min_length: {args.min_length} is above --max_length {args.max_length}")
     shard, num_shards = parse_shard(args.shard)
-    task_dir = Path(args.out) / model_dir_name(args.model_path) / task_name(args.dataset, args.target_diff)
+    pool_kind = args.dataset if args.dataset in DATASETS else "dart"  # a local pool file is the DART pool
+    task_dir = Path(args.out) / model_dir_name(args.model_path) / task_name(pool_kind, args.target_diff)
     config = SearchConfig(
         num_simulations=args.num_simulations, epsilon=args.epsilon, length_penalty=args.length_penalty,
         exploration=args.exploration, min_length=args.min_length, max_length=args.max_length,
@@ -114,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         from polar.engine import ProgramRunner
         from polar.scoring import ProgramScorer
 
-        runner = ProgramRunner.from_pretrained(args.model_path, device=device, dtype=args.dtype)
+        runner = ProgramRunner.from_pretrained(args.model_path, device=device, dtype=args.dtype,
+                                               trust_remote_code=args.trust_remote_code)
         scorer = ProgramScorer(runner, prompt_style=prompt_style, answer_mode=args.answer_mode,
                                max_new_tokens=args.max_new_tokens, fewshot=args.fewshot,
                                batch_size=args.batch_size)
@@ -148,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     merged = merge_shards(task_dir, num_shards, partial=partial)
     if merged is None:
         print(f"waiting for other shards; merge later with: polar merge --out {args.out} "
-              f"--model_path {args.model_path} --dataset {args.dataset} --target_diff {args.target_diff}",
+              f"--model_path {args.model_path} --dataset {pool_kind} --target_diff {args.target_diff}",
               file=sys.stderr)
         return 0
     print_summary(*merged)
