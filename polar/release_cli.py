@@ -134,15 +134,16 @@ def resolve_release_flags(args: argparse.Namespace) -> argparse.Namespace:
     range (500), and clamps negative ``--warmup_steps`` and ``--min_lr`` to 0; so do we, so that
     equivalent commands record equal settings.
     """
-    if args.polar_d_model % args.polar_heads:
-        raise ValueError(f"argument --polar_d_model: {args.polar_d_model} is not divisible by "
-                         f"--polar_heads {args.polar_heads}")
-    if args.max_new_tokens == 0:
-        args.max_new_tokens = 50
-    if args.num_samples == 0:
-        args.num_samples = 500
-    args.warmup_steps = max(0, args.warmup_steps)
-    args.min_lr = max(0.0, args.min_lr)
+    d_model, heads = getattr(args, "polar_d_model", None), getattr(args, "polar_heads", None)
+    if d_model is not None and heads and d_model % heads:
+        raise ValueError(f"argument --polar_d_model: {d_model} is not divisible by --polar_heads {heads}")
+    release_readings = {"max_new_tokens": (0, 50), "num_samples": (0, 500)}
+    for name, (edge, meaning) in release_readings.items():
+        if getattr(args, name, None) == edge:
+            setattr(args, name, meaning)
+    for name, floor in (("warmup_steps", 0), ("min_lr", 0.0)):
+        if getattr(args, name, None) is not None:
+            setattr(args, name, max(floor, getattr(args, name)))
     return args
 
 
