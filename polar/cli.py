@@ -8,15 +8,16 @@ are printed as one line, with no traceback, and exit with status 2.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
+
+from polar.flags import Parser
 
 SUBCOMMANDS = ("run", "validate", "search", "merge", "train", "eval", "demo", "bench")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    parser = Parser(
         prog="polar",
         description="Run LLMs as programs of layers: search programs, train a predictor, evaluate.",
     )

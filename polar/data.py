@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 from polar.errors import DataError, check_text
 from polar.io import write_json_atomic
-from polar.programs import path_to_segments
+from polar.programs import MAX_LAYER_USES, MAX_NUM_LAYERS, path_to_segments
 
 SUPERVISION_FILENAME = "merged_mcts_samples.json"
 DIFFICULTIES = (1, 2, 3, 4, 5)
@@ -65,6 +66,8 @@ def _read_json(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise SupervisionError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    except RecursionError:
+        raise SupervisionError(f"{path}: JSON nested too deeply to be a supervision file") from None
 
 
 def _sample_objects(path: Path, data: Any) -> tuple[list[tuple[str | None, Any]], dict[str, Any]]:
@@ -163,6 +166,102 @@ def metadata_num_layers(metadata: dict[str, Any]) -> int | None:
         if isinstance(block, dict) and _is_index(block.get("num_layers")) and block["num_layers"] > 0:
             return int(block["num_layers"])
     return None
+
+
+# --------------------------------------------------------------------------- depth and runnable programs
+
+
+@dataclass(frozen=True)
+class Depth:
+    """The model depth a file is checked against, and where it came from (said to the user).
+
+    ``checks_indices`` is False when the depth was only guessed from the highest index in the
+    file: then no index can be out of range by construction, and the user should know it.
+    """
+
+    num_layers: int | None
+    source: str
+    checks_indices: bool = True
+
+
+def recorded_depth(path: Path | str, metadata: dict[str, Any]) -> Depth | None:
+    """The depth the file's metadata records (``settings.num_layers`` or ``num_layers``).
+
+    A recorded value that is not a whole number in ``[1, MAX_NUM_LAYERS]`` is an error naming the
+    field: checking programs against a made-up depth would be a silent "ok".
+    """
+    for prefix, block in (("metadata.settings", metadata.get("settings")), ("metadata", metadata)):
+        if not isinstance(block, dict) or "num_layers" not in block or block["num_layers"] is None:
+            continue
+        value = block["num_layers"]
+        if not _is_index(value) or not 1 <= value <= MAX_NUM_LAYERS:
+            raise SupervisionError(
+                f"{path}: {prefix}.num_layers must be a whole number of layers in 1-{MAX_NUM_LAYERS}, got {value!r}"
+            )
+        return Depth(int(value), f"{prefix}.num_layers")
+    return None
+
+
+def _programs(sample: Sample):
+    """``(field, k, program)`` for every program of a sample, valid ones first."""
+    for k, program in enumerate(sample.valid_paths):
+        yield "final_valid_transitions", k, program
+    for k, program in enumerate(sample.invalid_paths):
+        yield "final_invalid_transitions", k, program
+
+
+def infer_depth(samples: Sequence[Sample]) -> Depth:
+    """The depth of a file that records none.
+
+    Search output holds the full-depth program ``[0, ..., D-1]`` (the root of every search) in
+    every sample, so a ``D`` whose full program occurs in every sample is the depth, and indices
+    can be checked against it. Otherwise the only guess is the highest index + 1, which can never
+    flag an index as out of range; the source says so.
+    """
+    common: set[int] | None = None
+    highest, where = -1, ""
+    for sample in samples:
+        full = set()
+        for field_name, k, program in _programs(sample):
+            top = max(program)
+            if top > highest:
+                highest, where = top, f"sample {sample.index} {field_name}[{k}]"
+            if program[0] == 0 and top == len(program) - 1 and program == list(range(len(program))):
+                full.add(len(program))
+        common = full if common is None else common & full
+    if common:
+        depth = max(common)
+        return Depth(depth, f"the full-depth program 0-{depth - 1}, present in every sample (inferred)")
+    if highest < 0:
+        return Depth(None, "nowhere: the file holds no programs", checks_indices=False)
+    return Depth(highest + 1, f"the highest layer index {highest} + 1 ({where}; inferred, so indices are "
+                 "unchecked: pass --num_layers or --model_path)", checks_indices=False)
+
+
+def program_problems(path: Path | str, samples: Sequence[Sample], depth: Depth) -> list[str]:
+    """One message per program that cannot run: an index the model does not have, or a layer
+    run more than twice (no segment parse, and outside every search's moves). Training skips and
+    counts such programs; ``polar validate`` reports them as errors."""
+    limit = depth.num_layers if depth.checks_indices and depth.num_layers else MAX_NUM_LAYERS
+    problems: list[str] = []
+    for sample in samples:
+        for field_name, k, program in _programs(sample):
+            where = f"{path}: sample {sample.index}: {field_name}[{k}]"
+            bad = next((pos for pos, layer in enumerate(program) if layer >= limit), None)
+            if bad is not None:
+                if limit == MAX_NUM_LAYERS and not depth.checks_indices:
+                    problems.append(f"{where}[{bad}] is layer {program[bad]}, beyond any model "
+                                    f"(at most {MAX_NUM_LAYERS} layers)")
+                else:
+                    problems.append(f"{where}[{bad}] is layer {program[bad]}, but the model has {limit} layers "
+                                    f"(indices 0-{limit - 1}; depth from {depth.source})")
+                continue
+            counts = Counter(program)
+            over = next((layer for layer in program if counts[layer] > MAX_LAYER_USES), None)
+            if over is not None:
+                problems.append(f"{where} runs layer {over} {counts[over]} times; a program runs a layer "
+                                f"at most {MAX_LAYER_USES} times (skip, keep or repeat)")
+    return problems
 
 
 # --------------------------------------------------------------------------- layout and splits

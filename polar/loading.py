@@ -236,3 +236,41 @@ def _check_decoder_only(model: Any, name: str) -> None:
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{name}: encoder-decoder models are not supported")
+
+
+def model_depth(name_or_path: str, cache_dir: str | None = None) -> int:
+    """The number of decoder layers of a model, read from its config (no weights, no network,
+    no model code): a local directory, a hub id already in the local cache, or a ``.gguf`` file."""
+    path = Path(name_or_path).expanduser()
+    if str(name_or_path).endswith(".gguf"):
+        if not path.exists():
+            raise FileNotFoundError(f"GGUF file not found: {name_or_path}")
+        return _gguf_depth(path)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path, cache_dir=cache_dir,
+                                            local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        gguf = smollm2_gguf_path() if name_or_path == SMOLLM2_ID else None
+        if gguf is not None:
+            return _gguf_depth(gguf)
+        raise UnsupportedModelError(
+            f"{name_or_path}: cannot read its config locally ({str(err).splitlines()[0]}); pass the depth instead"
+        ) from None
+    config = getattr(config, "text_config", None) or config
+    depth = getattr(config, "num_hidden_layers", None)
+    if not isinstance(depth, int) or depth <= 0:
+        raise UnsupportedModelError(f"{name_or_path}: its config records no layer count (num_hidden_layers)")
+    return depth
+
+
+def _gguf_depth(path: Path) -> int:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+        return int(reader.fields[f"{arch}.block_count"].parts[-1][0])
+    except (KeyError, ValueError, IndexError, OSError) as err:
+        raise UnsupportedModelError(f"{path}: no layer count in its GGUF header ({err})") from None

@@ -22,6 +22,12 @@ SKIP, KEEP, REPEAT = 0, 1, 2
 OP_NAMES = {SKIP: "skip", KEEP: "keep", REPEAT: "repeat"}
 MAX_SEGMENT_SIZE = 4
 IGNORE_INDEX = -100  # op label at layers that do not start a segment (torch CE ignore_index)
+MAX_LAYER_USES = 2  # a segment runs its layers 0, 1 or 2 times (skip, keep, repeat)
+# Depth and length limits for inputs that cannot come from a real model: no released LLM has more
+# than a few hundred layers, and a bigger number (a typo, or a hostile file) would make parsing
+# allocate memory in proportion to it before any error could be reported.
+MAX_NUM_LAYERS = 10_000
+MAX_PROGRAM_LENGTH = MAX_LAYER_USES * MAX_NUM_LAYERS
 
 Program = list[int]
 
@@ -46,7 +52,10 @@ def parse_program(text: str | Sequence[int], num_layers: int | None = None) -> P
     """Parse ``"0-11,11,12-27"``, ``"[0, 1, 2]"`` or ``"full"`` into a list of layer indices.
 
     Ranges are inclusive and may run downwards (``"5-3"`` is ``[5, 4, 3]``). When ``num_layers`` is
-    given the result is validated against it; ``"full"`` needs it.
+    given the result is validated against it; ``"full"`` needs it. A range's ends are checked
+    against the depth (or :data:`MAX_NUM_LAYERS`) before it is expanded, and the program's length
+    against :data:`MAX_PROGRAM_LENGTH`, so ``"0-999999999"`` is an error at once, not a
+    gigabyte list.
     """
     if not isinstance(text, str):
         program = [_as_index(x, i) for i, x in enumerate(text)]
@@ -60,24 +69,31 @@ def parse_program(text: str | Sequence[int], num_layers: int | None = None) -> P
             try:
                 items = json.loads(stripped)
             except json.JSONDecodeError as err:
-                raise ValueError(f"program {text!r} is not a valid JSON list: {err.msg}") from None
+                raise ValueError(f"program {_short(text)} is not a valid JSON list: {err.msg}") from None
+            except RecursionError:
+                raise ValueError(f"program {_short(text)} is nested too deeply to be a list of layers") from None
             if not isinstance(items, list):
-                raise ValueError(f"program {text!r} must be a JSON list of layer indices")
+                raise ValueError(f"program {_short(text)} must be a JSON list of layer indices")
             program = [_as_index(x, i) for i, x in enumerate(items)]
         else:
             program = []
             for part in stripped.split(","):
                 part = part.strip()
                 if not part:
-                    raise ValueError(f"program {text!r} has an empty item")
+                    raise ValueError(f"program {_short(text)} has an empty item")
                 lo, sep, hi = part.partition("-")
                 try:
                     a = int(lo)
                     b = int(hi) if sep else a
                 except ValueError:
                     raise ValueError(
-                        f"program {text!r}: {part!r} is not a layer index or a range like 3-7"
+                        f"program {_short(text)}: {part[:30]!r} is not a layer index or a range like 3-7"
                     ) from None
+                where = f"program {_short(text)}" + ("" if part == stripped else f", item {part[:30]!r}")
+                _check_layer(a, len(program), num_layers, where)
+                _check_layer(b, len(program) + abs(b - a), num_layers, where)
+                if len(program) + abs(b - a) + 1 > MAX_PROGRAM_LENGTH:
+                    raise ValueError(f"program {_short(text)} is longer than {MAX_PROGRAM_LENGTH} layers")
                 step = 1 if b >= a else -1
                 program.extend(range(a, b + step, step))
     if num_layers is not None:
@@ -98,6 +114,21 @@ def format_program(program: Sequence[int]) -> str:
         parts.append(str(program[i]) if i == j else f"{program[i]}-{program[j]}")
         i = j + 1
     return ",".join(parts)
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """A program's text for an error message, cut so a huge input does not flood the terminal."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _check_layer(layer: int, position: int, num_layers: int | None, where: str) -> None:
+    """A range end, before the range is expanded: in ``[0, D)``, or below :data:`MAX_NUM_LAYERS`."""
+    if num_layers is not None:
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"program position {position} has layer {layer}, but the model has "
+                             f"{num_layers} layers (valid indices 0-{num_layers - 1})")
+    elif not 0 <= layer < MAX_NUM_LAYERS:
+        raise ValueError(f"{where}: layer {layer} is beyond any model (at most {MAX_NUM_LAYERS} layers)")
 
 
 def _as_index(value: object, position: int) -> int:
@@ -140,47 +171,104 @@ def path_to_segments(path: Sequence[int], num_layers: int) -> list[Segment] | No
     Paths with no exact parse (a layer three times, a loop that is not a contiguous block,
     out-of-order layers, indices out of range) return ``None``.
     """
+    if num_layers > MAX_NUM_LAYERS:
+        raise ValueError(f"{num_layers} layers is beyond any model (at most {MAX_NUM_LAYERS})")
     key = tuple(path)
     if any(not 0 <= x < num_layers for x in key):
         return None
     best = _parse(key, num_layers)
-    return None if best is None else list(best[1])
+    return None if best is None else list(best)
+
+
+def _moves(path: tuple[int, ...], num_layers: int, i: int, j: int) -> list[tuple[int, int, int]]:
+    """Segments that may start at layer ``i`` with ``path[j:]`` left to produce and can still
+    finish, in the fixed order that breaks ties: ``(size, op, next_j)`` for sizes 1-4, ops skip,
+    keep, repeat. A segment that leaves ``path[next_j]`` below its end cannot finish: every later
+    segment emits layers at or above it."""
+    n = len(path)
+    run = 0  # how far path[j:] counts up from i (a keep of up to ``run`` layers matches)
+    while run < MAX_SEGMENT_SIZE and j + run < n and path[j + run] == i + run:
+        run += 1
+    out = []
+    for size in range(1, min(MAX_SEGMENT_SIZE, num_layers - i) + 1):
+        end = i + size
+        if j == n or path[j] >= end:
+            out.append((size, SKIP, j))
+        if size <= run:
+            nj = j + size
+            if nj == n or path[nj] >= end:
+                out.append((size, KEEP, nj))
+            if path[nj:nj + size] == path[j:nj] and (nj + size == n or path[nj + size] >= end):
+                out.append((size, REPEAT, nj + size))
+    return out
 
 
 @lru_cache(maxsize=65536)
-def _parse(path: tuple[int, ...], num_layers: int):
-    """Dynamic program over (layer position, path position), solved from the back.
+def _parse(path: tuple[int, ...], num_layers: int) -> tuple[Segment, ...] | None:
+    """Dynamic program over states (layer position ``i``, path position ``j``), solved from the back.
 
     The cost of a parse is ``(segments, skips, -repeats, (-size, ...))``; the first three add up
     and the last concatenates, so the best parse of a suffix is part of the best parse overall.
+    Suffix parses are kept as linked pairs ``(head, rest)`` so extending one costs O(1).
+
+    Only the states that the front of the path can reach, and that can still finish, are solved
+    (see :func:`_moves`): a search-sized path costs a few dozen states instead of ``D * len(path)``.
+    A layer that occurs three times cannot be emitted by one segment, so such a path has no parse.
     """
     n = len(path)
-    # best[i][j]: (cost, segments) for layers [i, D) producing path[j:]
-    best: list[list[tuple | None]] = [[None] * (n + 1) for _ in range(num_layers + 1)]
-    best[num_layers][n] = ((0, 0, 0, ()), ())
+    counts: dict[int, int] = {}
+    for layer in path:
+        counts[layer] = counts.get(layer, 0) + 1
+        if counts[layer] > 2:
+            return None
+    # forward: the states reachable from (0, 0), by layer position, with their moves
+    reachable: list[dict[int, list[tuple[int, int, int]]]] = [{} for _ in range(num_layers + 1)]
+    reachable[0][0] = []
+    for i in range(num_layers):
+        for j in reachable[i]:
+            moves = reachable[i][j] = _moves(path, num_layers, i, j)
+            for size, _op, nj in moves:
+                reachable[i + size].setdefault(nj, [])
+    if n not in reachable[num_layers]:
+        return None
+    # backward: best[(i, j)] = ((segments, skips, -repeats), sizes, parse) for layers [i, D)
+    # producing path[j:]; sizes = (-size, rest) and parse = (start, size, op, rest), linked
+    best: dict[tuple[int, int], tuple] = {(num_layers, n): ((0, 0, 0), None, None)}
     for i in range(num_layers - 1, -1, -1):
-        for j in range(n, -1, -1):
+        for j, moves in reachable[i].items():
             candidate = None
-            for size in range(1, min(MAX_SEGMENT_SIZE, num_layers - i) + 1):
-                block = tuple(range(i, i + size))
-                for op in (SKIP, KEEP, REPEAT):
-                    used = size * op
-                    if j + used > n or path[j : j + used] != block * op:
-                        continue
-                    rest = best[i + size][j + used]
-                    if rest is None:
-                        continue
-                    (segs, skips, neg_reps, sizes), tail = rest
-                    cost = (
-                        segs + 1,
-                        skips + (op == SKIP),
-                        neg_reps - (op == REPEAT),
-                        (-size, *sizes),
-                    )
-                    if candidate is None or cost < candidate[0]:
-                        candidate = (cost, (Segment(i, size, op), *tail))
-            best[i][j] = candidate
-    return best[0][0]
+            for size, op, nj in moves:
+                rest = best.get((i + size, nj))
+                if rest is None:
+                    continue
+                (segs, skips, neg_reps), sizes, parse = rest
+                cost = (segs + 1, skips + (op == SKIP), neg_reps - (op == REPEAT))
+                new = (cost, (-size, sizes), (i, size, op, parse))
+                if candidate is None or _cheaper(new, candidate):
+                    candidate = new
+            if candidate is not None:
+                best[(i, j)] = candidate
+    found = best.get((0, 0))
+    if found is None:
+        return None
+    segments, link = [], found[2]
+    while link is not None:
+        segments.append(Segment(*link[:3]))
+        link = link[3]
+    return tuple(segments)
+
+
+def _cheaper(a: tuple, b: tuple) -> bool:
+    """``a`` costs less than ``b``: by (segments, skips, -repeats), then by the sizes read front
+    to back (equal counts mean equally long size lists)."""
+    if a[0] != b[0]:
+        return a[0] < b[0]
+    x, y = a[1], b[1]
+    while x is not None and y is not None:
+        if x[0] != y[0]:
+            return x[0] < y[0]
+        x, y = x[1], y[1]
+    return False
 
 
 def segment_targets(segments: Sequence[Segment], num_layers: int) -> tuple[list[float], list[int]]:

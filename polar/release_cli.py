@@ -19,6 +19,17 @@ from functools import cached_property
 from pathlib import Path
 
 from polar.errors import CheckpointError, DataError
+from polar.flags import (
+    Parser,
+    finite_float,
+    int_range,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    seed,
+)
 
 DIFFICULTIES = (1, 2, 3, 4, 5)
 DEFAULT_MODEL = "meta-llama/Llama-3.2-3B-Instruct"
@@ -42,39 +53,40 @@ def add_release_arguments(parser: argparse.ArgumentParser) -> None:
     add("--eval", action="store_true", help="skip training, evaluate only")
     add("--checkpoint_path", default=None, help="explicit checkpoint for evaluation")
     add("--policy_mode", choices=("polar", "polar_lenpref"), default="polar")
-    add("--num_epochs", type=int, default=20)
-    add("--batch_size", type=int, default=16)
-    add("--learning_rate", type=float, default=1e-4)
-    add("--seed", type=int, default=42)
+    add("--num_epochs", type=positive_int, default=20)
+    add("--batch_size", type=positive_int, default=16)
+    add("--learning_rate", type=positive_float, default=1e-4)
+    add("--seed", type=seed, default=42)
     add("--no_validation", action="store_true", help="train on [0:1500], no validation split")
-    add("--max_paths_per_sample", type=int, default=50, help="valid paths kept per question (random subset)")
-    add("--max_total_examples", type=int, default=None)
-    add("--max_val_examples", type=int, default=20000)
-    add("--polar_d_model", type=int, default=256)
-    add("--polar_heads", type=int, default=4)
-    add("--polar_layers", type=int, default=2)
-    add("--lenpref_beta", type=float, default=0.05)
+    add("--max_paths_per_sample", type=positive_int, default=50, help="valid paths kept per question (random subset)")
+    add("--max_total_examples", type=positive_int, default=None)
+    add("--max_val_examples", type=positive_int, default=20000)
+    add("--polar_d_model", type=positive_int, default=256)
+    add("--polar_heads", type=positive_int, default=4)
+    add("--polar_layers", type=non_negative_int, default=2)
+    add("--lenpref_beta", type=finite_float, default=0.05)
     add("--drop_original_path_if_shorter_valid", action="store_true")
-    add("--keep_original_prob", type=float, default=0.0)
+    add("--keep_original_prob", type=finite_float, default=0.0, help="clamped to [0, 1] (as the release)")
     add("--reweight_original_path_if_shorter_valid", action="store_true")
-    add("--original_path_weight", type=float, default=1.0)
-    add("--anti_original_lambda", type=float, default=0.0)
+    add("--original_path_weight", type=finite_float, default=1.0, help="clamped to [0, 1] (as the release)")
+    add("--anti_original_lambda", type=finite_float, default=0.0, help="<= 0: off")
     add("--per_sample_weight_normalize", action="store_true")
-    add("--max_new_tokens", type=int, default=50)
-    add("--num_samples", type=int, default=500, help="test questions per difficulty")
+    add("--max_new_tokens", type=non_negative_int, default=50, help="0 means 50 (as the release)")
+    add("--num_samples", type=non_negative_int, default=500,
+        help="test questions per difficulty (0: all 500 of the release's test range)")
     add("--split_sizes", default="1250,250", metavar="TRAIN,VAL",
         help="train and validation questions per difficulty (release: 1250,250; test follows them)")
     add("--eval_dataset", default=None, metavar="NAME",
         help="evaluate on a question set of polar.datasets (e.g. asdiv, mawps: out of distribution) "
              "instead of the test split; every program runs live")
-    add("--eval_limit", type=int, default=None, help="questions of --eval_dataset to use")
+    add("--eval_limit", type=positive_int, default=None, help="questions of --eval_dataset to use")
     add("--trust_valid_cache", dest="trust_valid_cache", action="store_true", default=True)
     add("--no_trust_valid_cache", dest="trust_valid_cache", action="store_false")
-    add("--seg_threshold", type=float, default=0.5)
-    add("--beam_size", type=int, default=5)
-    add("--top_k_ops", type=int, default=2)
-    add("--top_k_paths", type=int, default=5)
-    add("--len_penalty", type=float, default=0.0)
+    add("--seg_threshold", type=probability, default=0.5, help="segment-start probability threshold")
+    add("--beam_size", type=positive_int, default=5)
+    add("--top_k_ops", type=positive_int, default=2, help="ops tried per segment (3 or more: all three)")
+    add("--top_k_paths", type=positive_int, default=5)
+    add("--len_penalty", type=finite_float, default=0.0, help="<= 0: off")
     add("--eval_cache_breakdown", action="store_true", help="only changes the output name (as in the release)")
     add("--use_wandb", action="store_true")
     add("--wandb_project", default="mcts_reward_predictor")
@@ -84,39 +96,59 @@ def add_release_arguments(parser: argparse.ArgumentParser) -> None:
     add("--delete_checkpoint_after_eval", action="store_true")
     add("--run_tag", default=None, help="added to output names")
     add("--lr_scheduler", choices=("none", "linear", "cosine"), default="none")
-    add("--warmup_steps", type=int, default=0)
+    add("--warmup_steps", type=int_range(), default=0, help="negative counts as 0 (as the release)")
     add("--nan_guard", action="store_true")
-    add("--nan_lr_backoff", type=float, default=0.0)
-    add("--min_lr", type=float, default=0.0)
-    add("--grad_clip_norm", type=float, default=0.0)
+    add("--nan_lr_backoff", type=probability, default=0.0, help="factor in [0, 1] applied to the lr on a NaN loss; 0: off")
+    add("--min_lr", type=finite_float, default=0.0, help="negative counts as 0 (as the release)")
+    add("--grad_clip_norm", type=finite_float, default=0.0, help="<= 0: off")
     add("--use_amp", action="store_true")
-    add("--optimizer_eps", type=float, default=1e-8)
-    add("--weight_decay", type=float, default=0.0)
+    add("--optimizer_eps", type=non_negative_float, default=1e-8)
+    add("--weight_decay", type=non_negative_float, default=0.0)
     extras = parser.add_argument_group("polar extras")
     extras.add_argument("--encoder", default=DEFAULT_ENCODER,
                         help="question encoder: hub id or local dir, 'self' (the base LLM's states), "
                              "'minilm' (bundled all-MiniLM-L6-v2) or 'hash' (toy, for tests)")
-    extras.add_argument("--encoder_layer", type=int, default=None,
+    extras.add_argument("--encoder_layer", type=non_negative_int, default=None,
                         help="for --encoder self: layers run before taking states (default D/2)")
     extras.add_argument("--feature_cache_dir", default=None, help="default: {save_dir}/cache/features")
     extras.add_argument("--prompt_style", default=None,
                         help="plain, chat, chat_nothink (default: the checkpoint's, else per model)")
     extras.add_argument("--answer_mode", choices=("boxed", "lenient"), default="boxed")
-    extras.add_argument("--fewshot", type=int, default=0)
+    extras.add_argument("--fewshot", type=non_negative_int, default=0)
     extras.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     extras.add_argument("--dtype", default=None, help="base model dtype (default: bf16 on GPU, fp32 on CPU)")
     extras.add_argument("--shard", default=None, metavar="i/n",
                         help="evaluate question shard i of n (default: RANK/WORLD_SIZE from torchrun, else 0/1); "
                              "the last shard to finish writes the merged report")
-    extras.add_argument("--eval_batch_size", type=int, default=64, help="sequences per engine call")
+    extras.add_argument("--eval_batch_size", type=positive_int, default=64, help="sequences per engine call")
     extras.add_argument("--trust_remote_code", action="store_true",
                         help="allow the base model's and the encoder's own Python code to run (off by default)")
     extras.add_argument("--tensorboard_dir", default=None)
     extras.add_argument("--no_progress", action="store_true", help="no progress bars")
 
 
+def resolve_release_flags(args: argparse.Namespace) -> argparse.Namespace:
+    """Checks that involve two flags, and the release's readings of edge values (in place).
+
+    The release reads ``--max_new_tokens 0`` as 50 and ``--num_samples 0`` as its whole test
+    range (500), and clamps negative ``--warmup_steps`` and ``--min_lr`` to 0; so do we, so that
+    equivalent commands record equal settings.
+    """
+    d_model, heads = getattr(args, "polar_d_model", None), getattr(args, "polar_heads", None)
+    if d_model is not None and heads and d_model % heads:
+        raise ValueError(f"argument --polar_d_model: {d_model} is not divisible by --polar_heads {heads}")
+    release_readings = {"max_new_tokens": (0, 50), "num_samples": (0, 500)}
+    for name, (edge, meaning) in release_readings.items():
+        if getattr(args, name, None) == edge:
+            setattr(args, name, meaning)
+    for name, floor in (("warmup_steps", 0), ("min_lr", 0.0)):
+        if getattr(args, name, None) is not None:
+            setattr(args, name, max(floor, getattr(args, name)))
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="run_polar.py",
         description="Train the PoLar predictor on search output and evaluate it (release-compatible flags).",
     )
@@ -138,7 +170,7 @@ class Job:
     """One invocation's resolved settings, with the base model loaded only when needed."""
 
     def __init__(self, args: argparse.Namespace, log=print) -> None:
-        self.args = args
+        self.args = resolve_release_flags(args)
         self.log = log
         self.diffs = list(DIFFICULTIES) if args.eval_all_diffs else [args.target_diff]
         self.supervision_metadata: dict[Path, dict] = {}  # filled as the splits are read

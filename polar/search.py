@@ -65,6 +65,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from polar import locks
 from polar.errors import DataError
 from polar.io import write_json_atomic
 from polar.programs import full_program
@@ -494,24 +495,145 @@ def shard_of(index: int, num_shards: int) -> int:
     return index % num_shards
 
 
+def read_json_state(path: Path) -> Any:
+    """A JSON file this module wrote, or a one-line :class:`DataError` naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err.msg}); delete it to start it over") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply; delete it to start it over") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}); delete it to start it over") from None
+
+
+def _flatten(settings: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(settings, dict):
+        return {prefix: settings} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        out.update(_flatten(value, name) if isinstance(value, dict) else {name: value})
+    return out
+
+
+def settings_diff(saved: dict[str, Any] | None, wanted: dict[str, Any]) -> list[str]:
+    """The settings that differ, as ``"search.num_simulations: 3 there, 4 now"`` (nested keys
+    dotted), comparing as JSON would store them."""
+    old = _flatten(saved or {})
+    new = _flatten(json.loads(json.dumps(wanted)))
+    missing = "(not recorded)"
+    return [
+        f"{key}: {json.dumps(old.get(key, missing))} there, {json.dumps(new.get(key, missing))} now"
+        for key in sorted(set(old) | set(new))
+        if old.get(key, missing) != new.get(key, missing)
+    ]
+
+
 def load_shard(path: Path, resume_key: dict[str, Any]) -> dict[str, Any] | None:
     """The saved state of a shard, or None. A shard saved with other settings is an error: mixing
     results of two configurations in one supervision file would be silently wrong."""
     path = Path(path)
     if not path.exists():
         return None
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err.msg}); delete it to start this shard over") from None
-    saved = state.get("resume_key")
-    if saved != json.loads(json.dumps(resume_key)):
-        diff = sorted(k for k in set(saved or {}) | set(resume_key) if (saved or {}).get(k) != resume_key.get(k))
+    state = read_json_state(path)
+    if not isinstance(state, dict) or not isinstance(state.get("samples"), list):
+        raise DataError(f"{path}: not a search shard file (no 'samples' list); delete it to start this shard over")
+    diff = settings_diff(state.get("resume_key"), resume_key)
+    if diff:
         raise DataError(
-            f"{path} was written with different settings ({', '.join(diff)}); use another --out "
-            "directory or delete the shard files to start over"
+            f"{path} holds results made with other settings ({'; '.join(diff)}); rerun with --overwrite "
+            "to replace them, or use another --out"
         )
     return state
+
+
+def _merged_diff(path: Path, resume_key: dict[str, Any]) -> list[str]:
+    """How the settings recorded by a merged file differ from ``resume_key`` (empty: the same).
+    Older merged files record them only among ``metadata.settings``; a file that records none
+    was not written by ``polar search`` and never counts as the same."""
+    data = read_json_state(path)
+    metadata = data.get("metadata") if isinstance(data, dict) else None
+    metadata = metadata if isinstance(metadata, dict) else {}
+    saved = metadata.get("resume_key")
+    if not isinstance(saved, dict):
+        settings = metadata.get("settings")
+        if not isinstance(settings, dict):
+            return ["no settings recorded: not written by polar search"]
+        saved = {key: settings[key] for key in resume_key if key in settings}
+    return settings_diff(saved, resume_key)
+
+
+def _shard_diff(path: Path, resume_key: dict[str, Any]) -> list[str]:
+    """How the settings of the shard file at ``path`` differ from ``resume_key`` (empty: the
+    same, or the file is gone)."""
+    if not path.exists():
+        return []
+    state = read_json_state(path)
+    saved = state.get("resume_key") if isinstance(state, dict) else None
+    return settings_diff(saved, resume_key) if isinstance(saved, dict) else ["no settings recorded"]
+
+
+def conflicting_results(task_dir: Path, resume_key: dict[str, Any]) -> list[tuple[Path, list[str]]]:
+    """Files under ``task_dir`` holding results made with settings other than ``resume_key``:
+    shard files of any shard count, and the merged file. Each with its differing settings."""
+    task_dir = Path(task_dir)
+    found = [(path, _shard_diff(path, resume_key)) for paths in shard_files(task_dir).values() for path in paths]
+    merged = task_dir / MERGED_NAME
+    if merged.exists():
+        found.append((merged, _merged_diff(merged, resume_key)))
+    return [(path, diff) for path, diff in found if diff]
+
+
+MERGED_COMPANIONS = ("summary.json", "valid_program_lengths.png", "layer_heatmap.png")
+
+
+def clear_conflicting_results(
+    task_dir: Path, resume_key: dict[str, Any], overwrite: bool, log: Callable[[str], None] = print,
+    own_shard: Path | None = None,
+) -> None:
+    """Refuse to write beside results made with other settings, or, with ``overwrite``, delete them.
+
+    Without ``overwrite`` the error is one line naming a file and the settings that differ. With
+    it, conflicting shards are removed under their own lock (a shard another live process is
+    writing is left to it) and the merged file goes with its summary and plots; the log says so.
+    ``own_shard`` is the shard whose lock the caller already holds.
+    """
+    conflicts = conflicting_results(task_dir, resume_key)
+    if not conflicts:
+        return
+    if not overwrite:
+        path, diff = conflicts[0]
+        more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
+        raise DataError(
+            f"{path} holds results made with other settings ({'; '.join(diff)}){more}; rerun with --overwrite "
+            "to replace them, or use another --out"
+        )
+    removed: list[str] = []
+    for path, _ in conflicts:
+        if path.name == MERGED_NAME:
+            for name in (MERGED_NAME, *MERGED_COMPANIONS):
+                if (path.parent / name).exists():
+                    (path.parent / name).unlink(missing_ok=True)
+                    removed.append(name)
+            continue
+        if own_shard is not None and path == Path(own_shard):
+            path.unlink(missing_ok=True)
+            removed.append(str(path.relative_to(task_dir)))
+            continue
+        try:
+            lock = locks.acquire(path, log)
+        except locks.LockedError:
+            continue  # its writer runs now, with the new settings or not: it decides
+        try:
+            if _shard_diff(path, resume_key):  # still of other settings now that it is locked
+                path.unlink(missing_ok=True)
+                removed.append(str(path.relative_to(task_dir)))
+        finally:
+            locks.release(lock)
+    if removed:
+        log(f"--overwrite: removed {len(removed)} files made with other settings "
+            f"({'; '.join(conflicts[0][1])}): {', '.join(removed)}")
 
 
 def run_shard(
@@ -527,6 +649,8 @@ def run_shard(
     max_active: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     time_limit: float | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Search this shard's questions, resuming from its file; return the shard's final state.
 
@@ -537,8 +661,33 @@ def run_shard(
     ``k % num_shards == shard``. ``scorer_factory`` returns ``(scorer, num_layers)`` and is only
     called when there is work left (loading a model is the slow part of a resume).
     ``progress(questions_finished, programs_scored)`` is called after each round.
+
+    The shard file is locked for the whole run (a second writer gets :class:`locks.LockedError`).
+    Results of other settings under ``task_dir`` (shards of any count, the merged file) stop the
+    run before any work, unless ``overwrite`` replaces them (:func:`clear_conflicting_results`).
     """
     path = shard_path(task_dir, shard, num_shards)
+    with locks.hold(path, log):
+        clear_conflicting_results(task_dir, resume_key, overwrite, log, own_shard=path)
+        return _search_shard(path, questions, scorer_factory, resume_key, metadata, config, model_name,
+                             shard, num_shards, max_active, progress, time_limit)
+
+
+def _search_shard(
+    path: Path,
+    questions: Sequence[Any],
+    scorer_factory: Callable[[], tuple[Scorer, int]],
+    resume_key: dict[str, Any],
+    metadata: dict[str, Any],
+    config: SearchConfig,
+    model_name: str | None,
+    shard: int,
+    num_shards: int,
+    max_active: int | None,
+    progress: Callable[[int, int], None] | None,
+    time_limit: float | None,
+) -> dict[str, Any]:
+    """The body of :func:`run_shard`, run while holding the shard's lock."""
     mine = [k for k in range(len(questions)) if shard_of(k, num_shards) == shard]
     state = load_shard(path, resume_key) or {
         "resume_key": resume_key,
@@ -596,13 +745,15 @@ def shard_files(task_dir: Path) -> dict[int, list[Path]]:
 
 
 def merge_shards(
-    task_dir: Path, num_shards: int | None = None, plots: bool = True, partial: bool = False
+    task_dir: Path, num_shards: int | None = None, plots: bool = True, partial: bool = False,
+    overwrite: bool = False,
 ) -> tuple[Path, dict[str, Any]] | None:
     """Join complete shards into ``merged_mcts_samples.json`` + ``summary.json`` + plots.
 
     Returns ``None`` (writing nothing) while some shard is missing or unfinished, so every shard
     may call it when it ends and the last one to finish writes the merged file. With ``partial``
     the finished questions of unfinished shards are merged too, and the metadata says so.
+    An existing merged file made with other settings is an error unless ``overwrite``.
     """
     task_dir = Path(task_dir)
     groups = shard_files(task_dir)
@@ -619,25 +770,36 @@ def merge_shards(
             if partial:
                 continue
             return None
-        state = json.loads(path.read_text(encoding="utf-8"))
+        state = read_json_state(path)
+        if not isinstance(state, dict) or not isinstance(state.get("samples"), list):
+            raise DataError(f"{path}: not a search shard file (no 'samples' list)")
         if not state.get("complete") and not partial:
             return None
         states.append(state)
     if not states:
         return None
-    keys = {json.dumps(s["resume_key"], sort_keys=True) for s in states}
-    if len(keys) > 1:
-        raise DataError(f"{task_dir}: shards were written with different settings; cannot merge")
+    resume_key = states[0].get("resume_key") or {}
+    for shard_state in states[1:]:
+        diff = settings_diff(shard_state.get("resume_key"), resume_key)
+        if diff:
+            raise DataError(f"{task_dir}: shards {states[0].get('shard')} and {shard_state.get('shard')} were "
+                            f"written with different settings ({'; '.join(diff)}); cannot merge")
+    merged_path = task_dir / MERGED_NAME
+    if merged_path.exists() and not overwrite:
+        diff = _merged_diff(merged_path, resume_key)
+        if diff:
+            raise DataError(f"{merged_path} holds results made with other settings ({'; '.join(diff)}); "
+                            "rerun with --overwrite to replace it")
     samples = sorted((s for state in states for s in state["samples"]), key=lambda s: s["index"])
     num_layers = next((s["num_layers"] for s in states if s.get("num_layers")), None)
     if num_layers is None:  # every shard had zero questions
         num_layers = max((max(p) + 1 for s in samples for p in s["final_valid_transitions"] + s["final_invalid_transitions"]), default=0)
     metadata = next((s["metadata"] for s in states if s.get("metadata")), {})
-    metadata = {**metadata, "shards": num_shards}
+    metadata = {**metadata, "shards": num_shards, "resume_key": resume_key}
     expected = sum(s.get("questions", 0) for s in states)
     if partial and (len(states) < num_shards or len(samples) < expected):
         metadata["partial"] = {"questions_done": len(samples), "shards_present": len(states)}
-    merged = write_json_atomic(task_dir / MERGED_NAME, {"metadata": metadata, "samples": samples})
+    merged = write_json_atomic(merged_path, {"metadata": metadata, "samples": samples})
 
     summary = summarize(samples, num_layers)
     wall = sum(s.get("wall_seconds", 0.0) for s in states)

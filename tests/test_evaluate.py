@@ -130,7 +130,9 @@ def test_hand_worked_metrics():
     per = report["metrics"]["per_difficulty"]
     assert per["1"]["num_questions"] == 2 and per["1"]["pass_at_1"] == 0.5
     assert per["2"]["pass_at_k"] == 1.0 and per["2"]["baseline_accuracy"] == 0.0
-    assert "pass@k=1.000" in format_metrics(report["metrics"])
+    overall = format_metrics(report["metrics"]).splitlines()[0]
+    assert overall.startswith("overall: n=3 | live: pass@3=0.667 pass@1=0.333 vote@3=0.333 baseline=0.333")
+    assert "| pass@3 (from search labels, cached for 33% of programs)=1.000, 33% of questions" in overall
 
 
 def test_no_trust_valid_cache_runs_everything_live():

@@ -132,6 +132,53 @@ def test_dynamic_program_equals_brute_force(data):
     assert path_to_segments(path, num_layers) == brute_force_best(path, num_layers)
 
 
+def full_table_best(path: list[int], num_layers: int):
+    """Reference for deeper models than brute force reaches: the best parse of every state
+    (layer i, path position j), all D x len(path) of them, by the same cost."""
+    n = len(path)
+    if any(not 0 <= x < num_layers for x in path):
+        return None
+    best: dict[tuple[int, int], tuple] = {(num_layers, n): ((0, 0, 0, ()), [])}
+    for i in range(num_layers - 1, -1, -1):
+        for j in range(n, -1, -1):
+            found = None
+            for size in range(1, min(4, num_layers - i) + 1):
+                block = list(range(i, i + size))
+                for op in (SKIP, KEEP, REPEAT):
+                    if path[j:j + size * op] != block * op or (i + size, j + size * op) not in best:
+                        continue
+                    (segs, skips, reps, sizes), tail = best[(i + size, j + size * op)]
+                    key = (segs + 1, skips + (op == SKIP), reps - (op == REPEAT), (-size, *sizes))
+                    if found is None or key < found[0]:
+                        found = (key, [Segment(i, size, op), *tail])
+            if found is not None:
+                best[(i, j)] = found
+    return best[(0, 0)][1] if (0, 0) in best else None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_parse_equals_the_full_table_on_search_like_and_garbage_paths(data):
+    """The parser solves only reachable states; on deep models its parses equal the full table's."""
+    num_layers = data.draw(st.integers(1, 36))
+    if data.draw(st.booleans()):  # garbage: random indices, some out of range
+        path = data.draw(st.lists(st.integers(0, num_layers), min_size=1, max_size=2 * num_layers))
+    else:  # what search writes: the full program after skips, block repeats and a stray move
+        path = list(range(num_layers))
+        for _ in range(data.draw(st.integers(0, 6))):
+            i = data.draw(st.integers(0, max(0, len(path) - 1)))
+            move = data.draw(st.sampled_from(["skip", "repeat", "swap"]))
+            if move == "skip" and len(path) > 1:
+                del path[i]
+            elif move == "repeat":
+                size = data.draw(st.integers(1, 5))
+                path = path[:i + size] + path[i:i + size] + path[i + size:]
+            elif path:
+                j = data.draw(st.integers(0, len(path) - 1))
+                path[i], path[j] = path[j], path[i]
+    assert path_to_segments(path, num_layers) == full_table_best(path, num_layers)
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.data())
 def test_segments_expand_back_to_the_path(data):

@@ -416,7 +416,7 @@ def test_resume_with_other_settings_is_a_clear_error(tmp_path):
     qs = questions(2)
     _run(tmp_path, qs, HashScorer())
     other = {"model_path": "fake", "search": SearchConfig(num_simulations=99).as_dict()}
-    with pytest.raises(DataError, match="different settings.*search"):
+    with pytest.raises(DataError, match=r"other settings \(search.num_simulations: 15 there, 99 now\)"):
         _run(tmp_path, qs, HashScorer(), key=other)
 
 
@@ -534,7 +534,7 @@ def test_cli_search_writes_release_format_and_resumes(tiny_model_dir, tmp_path, 
     # same output directory, other settings: a clear one-line error
     capsys.readouterr()
     assert _cli(*_search_args(tiny_model_dir, out, "--seed", 5)) == 2
-    assert "different settings" in capsys.readouterr().err
+    assert "other settings (search.seed: 0 there, 5 now" in capsys.readouterr().err
 
 
 def test_cli_shards_then_merge_equal_unsharded(tiny_model_dir, tmp_path, capsys):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from polar.flags import int_range, non_negative_int, positive_int, seed
+
 
 def register(subparsers: Any) -> None:
     from polar.demo import ARITHMETIC_SETS, DemoConfig
@@ -24,28 +26,28 @@ def register(subparsers: Any) -> None:
     p.add_argument("--question_set", default=d.question_set,
                    help=f"generated {' / '.join(ARITHMETIC_SETS)}, or a polar question set (math, gsm8k, asdiv, ...)"
                         f" (default: {d.question_set})")
-    p.add_argument("--difficulty", type=int, default=d.difficulty, help="level, for sets that have levels (math)")
-    p.add_argument("--questions", type=int, default=d.questions,
+    p.add_argument("--difficulty", type=int_range(1, 5), default=d.difficulty, help="level, for sets that have levels (math)")
+    p.add_argument("--questions", type=int_range(2, what="an integer >= 2 (train + validation)"), default=d.questions,
                    help=f"questions to search (train + validation; default {d.questions})")
-    p.add_argument("--validation", type=int, default=d.validation,
+    p.add_argument("--validation", type=non_negative_int, default=d.validation,
                    help=f"of those, how many pick the best epoch (default {d.validation})")
-    p.add_argument("--test_questions", type=int, default=d.test_questions,
+    p.add_argument("--test_questions", type=positive_int, default=d.test_questions,
                    help=f"held-out questions evaluated live (default {d.test_questions})")
-    p.add_argument("--simulations", type=int, default=d.simulations, help=f"MCTS simulations per question (default {d.simulations})")
+    p.add_argument("--simulations", type=positive_int, default=d.simulations, help=f"MCTS simulations per question (default {d.simulations})")
     p.add_argument("--prompt_style", default=d.prompt_style, help=f"plain, chat, chat_nothink (default {d.prompt_style})")
-    p.add_argument("--fewshot", type=int, default=d.fewshot)
+    p.add_argument("--fewshot", type=non_negative_int, default=d.fewshot)
     p.add_argument("--answer_mode", choices=("boxed", "lenient"), default=d.answer_mode)
-    p.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--max_new_tokens", type=positive_int, default=d.max_new_tokens)
     p.add_argument("--encoder", default=d.encoder, help="predictor's question encoder: self, minilm, hash, or an HF id")
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=positive_int, default=d.epochs)
     p.add_argument("--keep_original", action="store_true",
                    help="keep the full-depth program as a training target even when a shorter one is valid")
-    p.add_argument("--top_k", type=int, default=d.top_k, help="programs decoded per question (vote@k, pass@k)")
-    p.add_argument("--batch_size", type=int, default=d.batch_size, help="sequences per engine call")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--top_k", type=positive_int, default=d.top_k, help="programs decoded per question (vote@k, pass@k)")
+    p.add_argument("--batch_size", type=positive_int, default=d.batch_size, help="sequences per engine call")
+    p.add_argument("--seed", type=seed, default=d.seed)
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=d.dtype, help="float32, bfloat16, float16 (default: per device)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is faster on a machine whose "
                         "cores are busy with other jobs)")
     p.add_argument("--trust_remote_code", action="store_true",
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         import torch
 
-        torch.set_num_threads(max(1, args.threads))
+        torch.set_num_threads(args.threads)
 
     config = DemoConfig(
         model_path=args.model_path, question_set=args.question_set, difficulty=args.difficulty,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from polar.commands.search import DATASETS, DEFAULT_MODEL
+from polar.flags import positive_int
 
 
 def register(subparsers: Any) -> None:
@@ -19,7 +20,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model_path", default=DEFAULT_MODEL)
     p.add_argument("--dataset", choices=DATASETS, default="math")
     p.add_argument("--target_diff", type=int, choices=range(1, 6), metavar="N")
-    p.add_argument("--num_shards", type=int, default=None, help="default: the count in the shard file names")
+    p.add_argument("--num_shards", type=positive_int, default=None, help="default: the count in the shard file names")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a merged file made with other settings (default: refuse and name them)")
     p.set_defaults(func=run)
 
 
@@ -30,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from polar.search import merge_shards, shard_files, task_name
 
     task_dir = Path(args.out) / model_dir_name(args.model_path) / task_name(args.dataset, args.target_diff)
-    merged = merge_shards(task_dir, args.num_shards)
+    merged = merge_shards(task_dir, args.num_shards, overwrite=args.overwrite)
     if merged is None:
         groups = shard_files(task_dir)
         present = sum(len(v) for v in groups.values())

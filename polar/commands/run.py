@@ -12,6 +12,8 @@ import argparse
 import sys
 import time
 
+from polar.flags import non_negative_int, positive_int
+
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
@@ -25,10 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="a trained predictor checkpoint (NAME.safetensors beside NAME.json): it writes the program")
     p.add_argument("--prompt_style", default=None,
                    help="plain, chat, chat_nothink or raw (no math prompt); default: the checkpoint's, else per model")
-    p.add_argument("--fewshot", type=int, default=None, help="worked examples prepended to the prompt (default: the checkpoint's, else 0)")
+    p.add_argument("--fewshot", type=non_negative_int, default=None,
+                   help="worked examples prepended to the prompt (default: the checkpoint's, else 0)")
     p.add_argument("--answer_mode", default=None, choices=["boxed", "lenient"],
                    help="how the answer is read (default: the checkpoint's, else boxed)")
-    p.add_argument("--max_new_tokens", type=int, default=50)
+    p.add_argument("--max_new_tokens", type=positive_int, default=50)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--trust_remote_code", action="store_true",
@@ -37,10 +40,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from polar.programs import format_program, parse_program
+
+    if not args.checkpoint and args.program.strip().lower() not in ("full", "all"):
+        parse_program(args.program)  # a malformed program fails before torch and the model load
+
     from polar.engine import ProgramRunner
     from polar.errors import check_text
     from polar.math import extract_answer
-    from polar.programs import format_program, parse_program
     from polar.prompts import completion_answer_text, default_prompt_style, format_prompt
 
     question = check_text(args.question, "--question")

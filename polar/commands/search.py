@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from polar.distributed import default_device, parse_shard
+from polar.flags import finite_float, non_negative_float, non_negative_int, positive_float, positive_int, probability, seed
 
 DATASETS = ("dart", "math", "gsm8k", "math500", "asdiv", "mawps", "svamp")
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -31,36 +32,38 @@ def register(subparsers: Any) -> None:
                    help=f"question pool: {', '.join(DATASETS)}; 'math' is the offline equivalent of 'dart'; a local copy of the "
                         "DART-Math pool (.jsonl/.json/.parquet file or folder) is read as 'dart' (default: math)")
     p.add_argument("--target_diff", type=int, choices=range(1, 6), metavar="N", help="difficulty level 1-5")
-    p.add_argument("--limit", type=int, default=None, help="search only this many questions")
-    p.add_argument("--offset", type=int, default=0, help="skip this many questions first")
-    p.add_argument("--num_simulations", type=int, default=100)
-    p.add_argument("--max_new_tokens", type=int, default=50)
+    p.add_argument("--limit", type=positive_int, default=None, help="search only this many questions")
+    p.add_argument("--offset", type=non_negative_int, default=0, help="skip this many questions first")
+    p.add_argument("--num_simulations", type=positive_int, default=100, help="programs evaluated per question after the full-depth one")
+    p.add_argument("--max_new_tokens", type=positive_int, default=50)
     p.add_argument("--prompt_style", default=None,
                    help="prompt wrapping (plain, chat, chat_nothink; default: the model's reference style)")
     p.add_argument("--answer_mode", choices=("boxed", "lenient"), default="boxed")
-    p.add_argument("--fewshot", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=64, help="sequences per engine call")
-    p.add_argument("--max_active", type=int, default=None,
+    p.add_argument("--fewshot", type=non_negative_int, default=0)
+    p.add_argument("--batch_size", type=positive_int, default=64, help="sequences per engine call")
+    p.add_argument("--max_active", type=positive_int, default=None,
                    help="questions searched at once (default: batch_size)")
-    p.add_argument("--seed", type=int, default=42,
+    p.add_argument("--seed", type=seed, default=42,
                    help="search RNG seed (the release reseeds 42 for every question; default: 42)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--min_length", type=int, default=None, help="shortest allowed program (default: per model)")
-    p.add_argument("--max_length", type=int, default=None, help="longest allowed program (default: per model)")
-    p.add_argument("--epsilon", type=float, default=0.1)
-    p.add_argument("--length_penalty", type=float, default=5.0)
-    p.add_argument("--exploration", type=float, default=2 ** 0.5)
+    p.add_argument("--min_length", type=positive_int, default=None, help="shortest allowed program (default: per model)")
+    p.add_argument("--max_length", type=positive_int, default=None, help="longest allowed program (default: per model)")
+    p.add_argument("--epsilon", type=probability, default=0.1, help="chance of a random move at each step of selection")
+    p.add_argument("--length_penalty", type=finite_float, default=5.0, help="UCB penalty per length/D (negative favours longer programs)")
+    p.add_argument("--exploration", type=non_negative_float, default=2 ** 0.5, help="UCB exploration constant")
     p.add_argument("--tree_policy", choices=("release", "widening"), default="release",
                    help="release: the authors' MCTS (default); widening: progressive widening (see polar.search)")
-    p.add_argument("--widening", type=float, default=None,
+    p.add_argument("--widening", type=finite_float, default=None,
                    help="--tree_policy widening only: widening exponent (default 0.5); <= 0 for classic UCT")
     p.add_argument("--shard", default=None, metavar="i/n",
                    help="search shard i of n (default: RANK/WORLD_SIZE from the environment, else 0/1)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    p.add_argument("--time_limit", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--time_limit", type=positive_float, default=None, metavar="SECONDS",
                    help="start no question after this many seconds; merge what finished (rerun to continue)")
     p.add_argument("--out", required=True, help="output root (like --data_root of training)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace results made with other settings under --out (default: refuse and name them)")
     p.add_argument("--trust_remote_code", action="store_true",
                    help="allow the model's own Python code to run (off by default)")
     p.set_defaults(func=run)
@@ -80,8 +83,8 @@ def dataset_argument(value: str) -> str:
 def load_question_list(dataset: str, target_diff: int | None, offset: int, limit: int | None) -> list[Any]:
     from polar.datasets import load_questions
 
-    if offset < 0 or (limit is not None and limit < 0):
-        raise ValueError("--offset and --limit must not be negative")
+    if offset < 0 or (limit is not None and limit < 1):
+        raise ValueError("--offset must not be negative and --limit must be positive")
     wanted = None if limit is None else offset + limit
     questions = list(load_questions(dataset, difficulty=target_diff, limit=wanted))
     return questions[offset:wanted]
@@ -111,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     from polar.data import model_dir_name
     from polar.search import SearchConfig, merge_shards, run_shard, task_name
 
+    if args.min_length is not None and args.max_length is not None and args.min_length > args.max_length:
+        raise ValueError(f"argument --min_length: {args.min_length} is above --max_length {args.max_length}")
     shard, num_shards = parse_shard(args.shard)
     pool_kind = args.dataset if args.dataset in DATASETS else "dart"  # a local pool file is the DART pool
     task_dir = Path(args.out) / model_dir_name(args.model_path) / task_name(pool_kind, args.target_diff)
@@ -121,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
     )
     prompt_style = resolve_prompt_style(args.prompt_style, args.model_path)
     questions = load_question_list(args.dataset, args.target_diff, args.offset, args.limit)
+    if not questions:
+        raise ValueError(f"argument --offset: {args.offset} is past the last question of {args.dataset}")
     resume_key = {
         "model_path": args.model_path, "dataset": args.dataset, "target_diff": args.target_diff,
         "offset": args.offset, "limit": args.limit, "questions": len(questions), "dtype": args.dtype,
@@ -153,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         state = run_shard(
             questions, make_scorer, task_dir, resume_key, state_metadata, config, args.model_path,
             shard=shard, num_shards=num_shards, max_active=args.max_active or args.batch_size,
-            progress=bar.update, time_limit=args.time_limit,
+            progress=bar.update, time_limit=args.time_limit, overwrite=args.overwrite, log=_stderr,
         )
     finally:
         bar.close()
@@ -175,6 +182,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print_summary(*merged)
     return 0
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def print_summary(merged_path: Path, summary: dict[str, Any]) -> None:
