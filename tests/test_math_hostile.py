@@ -249,7 +249,7 @@ def test_a_search_with_hostile_model_output_finishes_and_scores_it_wrong():
         num_layers = 6
         tokenizer = None
 
-        def generate(self, prompts, programs, max_new_tokens=50):
+        def generate(self, prompts, programs, max_new_tokens=50, **kwargs):
             return [Generation([1], outputs[(len(p) + i) % len(outputs)], len(p)) for i, p in enumerate(programs)]
 
     questions = [Question(id=f"q{i}", question=f"What is {i}+5?", answer=str(i + 5), source="test") for i in range(2)]

@@ -19,6 +19,7 @@ default system turn when none is given).
 from __future__ import annotations
 
 import importlib.util
+import collections
 import types
 from dataclasses import dataclass
 
@@ -123,7 +124,7 @@ def test_token_ids_are_what_the_release_feeds(smollm2_tokenizer):
     tokenizer for plain text, and no second BOS in front of a chat template's own."""
     from polar.engine import ProgramRunner
 
-    runner = types.SimpleNamespace(tokenizer=smollm2_tokenizer)
+    runner = types.SimpleNamespace(tokenizer=smollm2_tokenizer, _encoded=collections.OrderedDict())
     for style in ("plain", "chat"):
         text = format_prompt("What is 1+1?", style, tokenizer=smollm2_tokenizer)
         assert ProgramRunner.encode(runner, [text]) == [smollm2_tokenizer(text)["input_ids"]]
@@ -241,7 +242,7 @@ class _Runner:
     def __init__(self, text: str) -> None:
         self.text = text
 
-    def generate(self, prompts, programs, max_new_tokens=50):
+    def generate(self, prompts, programs, max_new_tokens=50, **kwargs):
         return [_Generation([1], self.text, len(p)) for p in programs]
 
 

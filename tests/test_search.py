@@ -534,7 +534,7 @@ def test_cli_search_writes_release_format_and_resumes(tiny_model_dir, tmp_path, 
     # same output directory, other settings: a clear one-line error
     capsys.readouterr()
     assert _cli(*_search_args(tiny_model_dir, out, "--seed", 5)) == 2
-    assert "other settings (search.seed: 0 there, 5 now" in capsys.readouterr().err
+    assert "other settings (search.seed: 42 there, 5 now" in capsys.readouterr().err
 
 
 def test_cli_shards_then_merge_equal_unsharded(tiny_model_dir, tmp_path, capsys):

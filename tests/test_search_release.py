@@ -360,7 +360,7 @@ def test_results_of_two_tree_policies_never_mix_in_one_shard(tmp_path):
     qs = questions(2)
     correct = rule("hash, varied rates", D)
     _run(tmp_path, qs, RuleScorer(correct), config=RELEASE)
-    with pytest.raises(DataError, match="different settings.*search"):
+    with pytest.raises(DataError, match="other settings.*search.tree_policy"):
         _run(tmp_path, qs, RuleScorer(correct), config=WIDENING)
     assert RELEASE.as_dict()["tree_policy"] == "release" and WIDENING.as_dict()["tree_policy"] == "widening"
     # the release policy has no widening: its recorded settings do not pretend otherwise
@@ -392,7 +392,7 @@ def test_cli_tree_policy_flag_is_recorded_and_guarded(tiny_model_dir, tmp_path, 
 
     capsys.readouterr()
     assert _cli(*_args(tiny_model_dir, out, "--tree_policy", "widening")) == 2  # same --out, other policy
-    assert "different settings" in capsys.readouterr().err
+    assert "other settings (search." in capsys.readouterr().err
     assert _cli(*_args(tiny_model_dir, tmp_path / "w", "--widening", "0.3")) == 2
     assert "--widening applies only to --tree_policy widening" in capsys.readouterr().err
     assert _cli(*_args(tiny_model_dir, tmp_path / "w", "--tree_policy", "widening", "--widening", "0")) == 0
