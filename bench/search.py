@@ -130,7 +130,7 @@ def round_limit(runner, scorer, rounds, bandwidth: float, flops: float) -> list[
         prefill = 0.0
         lengths, programs, tokens = [], [], []
         for question, program, outcome in pairs:
-            length = len(runner.encode([scorer._prompt(question)[0]])[0])
+            length = len(runner.encode([scorer.prompt_text(question)])[0])
             start = identity_prefix(program) if question.id in seen else 0
             seen.add(question.id)
             positions = len(program) - start if start else runner.num_layers + len(program) - identity_prefix(program)
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     scorer = ProgramScorer(runner, prompt_style=args.prompt_style, answer_mode=args.answer_mode,
                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                            judge_workers=args.judge_workers)
-    lengths = sorted(len(runner.encode([scorer._prompt(q)[0]])[0]) for q in questions)
+    lengths = sorted(len(runner.encode([scorer.prompt_text(q)])[0]) for q in questions)
     # the answer checker's lazy imports off the clock (the engine's compiles stay on it)
     from polar.scoring import judge_texts
     judge_texts(["\\boxed{1}"], ["1"], args.prompt_style, args.answer_mode)

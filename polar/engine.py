@@ -504,6 +504,29 @@ class ProgramRunner:
         groups = plan_groups(lengths, CHUNK_UNIT, cell, fixed, extra=max_new_tokens, max_rows=size)
         return [sorted(g) for g in groups]
 
+    def suggest_batch_size(self, prompt_lengths: Sequence[int], max_new_tokens: int, cap: int = 1024) -> int:
+        """Rows per engine batch that fit in the device memory free now (a power of two).
+
+        Per row: its KV slots (about 1.25 x D program positions over the prompt and the new
+        tokens, the schedule's padding included) and its question's entry in the prompt cache;
+        60% of the free memory after a 2 GiB margin goes to rows. On the CPU: 64."""
+        if self.device.type != "cuda":
+            return min(64, cap)
+        lengths = sorted(prompt_lengths) or [256]
+        typical = lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))]
+        config = self.config
+        attn = self._layers[0].self_attn
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+        head_dim = int(getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        size = torch.empty((), dtype=self.dtype).element_size()
+        column = 2 * kv_heads * head_dim * size
+        hidden = self._backbone.embed_tokens.weight.shape[1] * size
+        slots = 1.25 * self.num_layers * (typical + max_new_tokens) * column
+        cached = typical * (self.num_layers * column + (self.num_layers + 1) * hidden) if self.use_prompt_cache else 0
+        free, _ = torch.cuda.mem_get_info(self.device)
+        rows = int(max(0, free - (2 << 30)) * 0.6 // (slots + cached))
+        return max(1, min(cap, 1 << max(0, rows.bit_length() - 1)))
+
     def _chunk_costs(self) -> tuple[float, float]:
         """Decode cost per token, in bytes: (one row's KV column over all layers, one chunk's
         pass over the weights of ~2D schedule steps plus their launches on CUDA)."""

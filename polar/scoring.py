@@ -151,6 +151,10 @@ class ProgramScorer:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
+    def prompt_text(self, question: QuestionLike) -> str:
+        """The exact prompt text this scorer sends to the engine for ``question``."""
+        return self._prompt(question)[0]
+
     # ------------------------------------------------------------------ helpers
 
     def _prompt(self, question: QuestionLike) -> tuple[str, int]:

@@ -661,6 +661,7 @@ def run_shard(
     ``k % num_shards == shard``. ``scorer_factory`` returns ``(scorer, num_layers)`` and is only
     called when there is work left (loading a model is the slow part of a resume).
     ``progress(questions_finished, programs_scored)`` is called after each round.
+    ``max_active`` defaults to the scorer's ``batch_size`` (one engine batch per round).
 
     The shard file is locked for the whole run (a second writer gets :class:`locks.LockedError`).
     Results of other settings under ``task_dir`` (shards of any count, the merged file) stop the
@@ -710,6 +711,8 @@ def _search_shard(
         return state
 
     scorer, num_layers = scorer_factory()
+    if max_active is None:  # one engine batch per round (the scorer may have sized it from memory)
+        max_active = getattr(scorer, "batch_size", None)
     state["num_layers"] = num_layers
     state["metadata"] = metadata
     started = time.perf_counter()

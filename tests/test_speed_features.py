@@ -259,3 +259,82 @@ def test_search_writes_the_same_supervision_with_and_without_each_speed_feature(
         results[name] = samples
     for name, samples in results.items():
         assert samples == results["all off"], name
+
+
+def test_a_chunk_that_runs_out_of_memory_is_run_in_halves(capsys):
+    rng = random.Random()
+    runner = ProgramRunner(tiny_model("llama", seed=rng.randrange(1000)), max_batch_size=16)
+    runner._stop_ids = set()
+    prompts, programs = _prompts(rng, 12), _programs(rng, 12)
+    expected = [g.token_ids for g in runner.generate(prompts, programs, max_new_tokens=5)]
+    real, sizes = runner.backend.generate_chunk, []
+
+    def at_most_three(tokens, progs, n, stops):
+        sizes.append(len(tokens))
+        if len(tokens) > 3:
+            raise torch.OutOfMemoryError("simulated: this many rows do not fit")
+        return real(tokens, progs, n, stops)
+
+    runner.backend.generate_chunk = at_most_three
+    runner.length_chunks = False  # one chunk of 12: halved to 6, then 3
+    assert [g.token_ids for g in runner.generate(prompts, programs, max_new_tokens=5)] == expected
+    assert sizes[0] == 12 and max(s for s in sizes if s <= 3) <= 3
+    said = capsys.readouterr().err
+    assert "did not fit in device memory" in said and "at most 3 at a time" in said
+    sizes.clear()  # later calls are planned at the size that fitted: no failure, no message
+    assert [g.token_ids for g in runner.generate(prompts, programs, max_new_tokens=5)] == expected
+    assert max(sizes) <= 3 and "did not fit" not in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_search_on_the_gpu_writes_the_same_supervision_with_and_without_each_feature(monkeypatch):
+    """fp32 on CUDA: graphs, compile, fused projections, Triton attention, one graph per token
+    and the prompt cache, each switched off in turn, give the same search labels."""
+    import polar.scoring
+    from polar.datasets import Question
+    from polar.scoring import ProgramScorer
+    from polar.search import SearchConfig, search_many
+
+    monkeypatch.setattr(polar.scoring, "judge_texts",
+                        lambda texts, golds, style, mode: [(t, zlib.crc32(t.encode()) % 3 == 0) for t in texts])
+    rng = random.Random()
+    seed = rng.randrange(1000)
+    questions = [Question(id=f"q{i}", question=" ".join(str(rng.randrange(100)) for _ in range(rng.randrange(1, 30))),
+                          answer="1", source="test") for i in range(6)]
+
+    class Tokens:
+        bos_token = None
+        chat_template = None
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [4 + zlib.crc32(w.encode()) % 90 for w in text.split()]}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+        def get_vocab(self):
+            return {}
+
+    variants = {
+        "all on": {},
+        "no triton attention": {"triton_attention": False},
+        "no compile, no fusion": {"compile_layers": False, "fuse": False},
+        "no token graphs": {"token_graphs": False},
+        "no graphs": {"use_graphs": False},
+    }
+    results = {}
+    for name, options in [*variants.items(), ("eager backend, no prompt cache", None)]:
+        runner = ProgramRunner(tiny_model("llama", seed=seed).cuda(), tokenizer=Tokens(), max_batch_size=4)
+        runner._stop_ids = {5}
+        if options is None:
+            runner.use_prompt_cache = False
+        else:
+            assert runner.enable_fast_path(**options)
+        scorer = ProgramScorer(runner, max_new_tokens=5, batch_size=4, judge_workers=0)
+        samples = search_many(questions, scorer, D, SearchConfig(num_simulations=12), max_active=4)
+        for sample in samples:
+            sample.get("search", {}).pop("seconds", None)
+        results[name] = samples
+    for name, samples in results.items():
+        assert samples == results["eager backend, no prompt cache"], name

@@ -40,7 +40,8 @@ def register(subparsers: Any) -> None:
                    help="prompt wrapping (plain, chat, chat_nothink; default: the model's reference style)")
     p.add_argument("--answer_mode", choices=("boxed", "lenient"), default="boxed")
     p.add_argument("--fewshot", type=non_negative_int, default=0)
-    p.add_argument("--batch_size", type=positive_int, default=64, help="sequences per engine call")
+    p.add_argument("--batch_size", type=positive_int, default=None,
+                   help="sequences per engine call (default: what fits in free GPU memory, up to 1024; 64 on the CPU)")
     p.add_argument("--max_active", type=positive_int, default=None,
                    help="questions searched at once (default: batch_size)")
     p.add_argument("--seed", type=seed, default=42,
@@ -146,7 +147,13 @@ def run(args: argparse.Namespace) -> int:
                                                trust_remote_code=args.trust_remote_code)
         scorer = ProgramScorer(runner, prompt_style=prompt_style, answer_mode=args.answer_mode,
                                max_new_tokens=args.max_new_tokens, fewshot=args.fewshot,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size or 64)
+        if args.batch_size is None:
+            sample = questions[:256]
+            lengths = [len(runner.encode([scorer.prompt_text(q)])[0]) for q in sample]
+            scorer.batch_size = runner.suggest_batch_size(lengths, args.max_new_tokens)
+            _stderr(f"batch size {scorer.batch_size} (from free device memory; --batch_size to choose)")
+        settings["batch_size"] = scorer.batch_size
         settings["model_source"] = runner.model_name
         settings["num_layers"] = runner.num_layers
         state_metadata.update(run_metadata(**settings))
@@ -159,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         state = run_shard(
             questions, make_scorer, task_dir, resume_key, state_metadata, config, args.model_path,
-            shard=shard, num_shards=num_shards, max_active=args.max_active or args.batch_size,
+            shard=shard, num_shards=num_shards, max_active=args.max_active,
             progress=bar.update, time_limit=args.time_limit, overwrite=args.overwrite, log=_stderr,
         )
     finally:
