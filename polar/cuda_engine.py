@@ -6,13 +6,13 @@ the engine's semantics (every program position owns its KV state; see :mod:`pola
 removes that overhead, without ever capturing a graph *per program*: search evaluates thousands
 of distinct programs, so graphs must be reusable across programs.
 
-**Schedule.** A batch is merged into steps ``(layer, rows)`` exactly as the generic engine does
-(:func:`polar.engine.build_schedule`): a sweep over ``0..D-1`` shared by all rows, plus extra
+**Schedule.** A batch is merged into steps ``(layer, rows)`` as for the eager backend
+(:func:`polar.schedule.build_schedule`): sweeps over ``0..D-1`` shared by all rows, plus extra
 steps for the rows that repeat or jump. Each step is served by a *slot*: the KV buffers
 ``[bucket, Hkv, Tcap, d]`` for that step's rows, a row-index vector, and one CUDA graph that runs
-``layer`` on those rows. ``bucket`` is the step's row count rounded up to a power of two (padding
-rows point at a scratch row), ``Tcap`` the prompt width plus ``max_new_tokens`` rounded up to
-:data:`TIME_BLOCK`. A slot is keyed by ``(layer, bucket, dense)`` only; which step of which
+``layer`` on those rows. ``bucket`` is the step's row count rounded up to a power of two, at least
+2 in a multi-row batch (padding rows point at a scratch row), ``Tcap`` the prompt width plus
+``max_new_tokens`` rounded up to :data:`TIME_BLOCK`. A slot is keyed by ``(layer, bucket, dense)`` only; which step of which
 program it serves is data (its row-index vector and its KV contents). A new batch of programs
 takes free slots from the pool and captures graphs only for keys it has never needed, so after a
 few batches new programs run with no capture at all.
@@ -22,24 +22,32 @@ every row ``[R, 1, H]``, the additive attention mask ``[R, 1, 1, Tcap]``, rotary
 positions, and the current column. A step's graph gathers its rows (or slices them, when the
 rows are ``0..b-1`` — "dense", the common full-batch case), runs the model's own HF decoder
 layer with a cache object whose ``update`` writes k/v at the current column of the slot's
-buffers and returns the full buffers, and scatters the result back. Attention over the full
-``Tcap`` buffer is masked and grouped-query without copying KV. One more graph per row bucket
+buffers and returns the full buffers, and scatters the result back. Attention reads only each
+row's valid columns (:mod:`polar.decode_attention`, Triton; masked SDPA over the whole buffer
+where Triton is unavailable), grouped-query without copying KV. One more graph per row bucket
 does final norm, LM head, argmax, embeds the new token and advances column, mask and rotary
 angles. A decode step is thus ``#steps + 1`` graph replays and one device-to-host copy of the
-new tokens (needed to detect stop tokens).
+new tokens (needed to detect stop tokens). Batches of a few rows, whose time is launch-bound,
+replay all steps of a token as one graph instead.
 
 **Per-layer speed-ups (defaults with graphs).** Llama-family layers run :func:`_fused_layer`
 (q/k/v and gate/up as one matmul each, weights re-pointed at slices of one matrix, checked against
 the HF layer once), and the layer and head bodies are wrapped in ``torch.compile`` before capture,
-so the graph holds a few fused kernels instead of ~40 small ones. Stop tokens are read one token
-behind, so the host never stalls the GPU.
+so the graph holds a few fused kernels instead of ~40 small ones; the row count and KV capacity
+are dynamic dimensions, so one compiled graph serves every bucket above one row. Stop tokens are
+read one token behind, so the host never stalls the GPU.
 
-**Prefill** is compute-bound, so it runs eagerly through the generic engine's grouped loop (rows
-of a step gathered, SDPA attention) with a cache object that writes into the slots.
+**Prefill** is compute-bound, so it runs eagerly through :func:`polar.prefill.prefill` (length
+groups, full-depth prefixes from the runner's prompt cache) with a sink that writes into the slots.
 
-**Early exit.** When rows finish, each step keeps only its live rows: a step whose rows all
-finished is skipped, and a step whose live rows fit a smaller bucket moves its KV rows into a
-slot of that bucket, so finished rows stop costing compute and attention reads.
+**Early exit.** When rows finish, a step whose live rows fit half its bucket moves their KV into a
+slot of the smaller bucket; otherwise the finished rows keep running and their tokens are dropped,
+so captured graphs stay valid and a batch is reorganised at most log2(rows) times. A step whose
+rows all finished is skipped.
+
+**Memory.** Before a batch allocates KV slots, :meth:`CudaGraphDecoder._make_room` frees what only
+saves time (other workspaces, idle slots, the prompt cache); if the slots still do not fit it
+raises out-of-memory, and the runner runs the batch in halves.
 
 Architectures with data-dependent control flow in a layer (MoE routing) or sliding-window layers
 are not supported (:meth:`CudaGraphDecoder.supports`); the runner keeps its generic path for them.
