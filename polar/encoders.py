@@ -49,6 +49,8 @@ class EncoderSpec:
     max_length: int = 512
     dim: int = 64  # only for ``hash``; other encoders report their own width
     precision: str = "float32"  # dtype features are computed (HF encoders) and stored in
+    # only for ``self``: each token's state scaled to unit RMS (see SelfEncoder)
+    rms_normalize: bool = True
 
     def __post_init__(self) -> None:
         feature_dtype(self.precision)  # reject unknown names at once
@@ -58,8 +60,11 @@ class EncoderSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "EncoderSpec":
-        """Rebuild from a checkpoint's JSON; fields it lacks (older files) take their defaults."""
-        known = {k: data[k] for k in ("name", "layer", "max_length", "dim", "precision") if k in data}
+        """Rebuild from a checkpoint's JSON; fields it lacks (older files) take their defaults,
+        except ``rms_normalize``: older ``self`` checkpoints were trained on raw states."""
+        fields = ("name", "layer", "max_length", "dim", "precision", "rms_normalize")
+        known = {k: data[k] for k in fields if k in data}
+        known.setdefault("rms_normalize", False)
         return cls(**known)
 
 
@@ -234,9 +239,19 @@ def _load_encoder(
 
 
 class SelfEncoder:
-    """The base LLM's token states after ``layer`` full-depth layers (``runner.token_states``)."""
+    """The base LLM's token states after ``layer`` full-depth layers (``runner.token_states``).
 
-    def __init__(self, runner, layer: int | None = None, max_length: int = 512, precision: str = "float32") -> None:
+    With ``rms_normalize`` (the default) each token's state is divided by its root mean square.
+    Mid-layer residual streams carry a few huge activations (SmolLM2's first token reaches ~25,000
+    at layer 15, other tokens ~100); the release's network projects features linearly with no
+    normalisation, because its encoder hands over final-norm outputs, and fed raw states its
+    cross-attention is swamped by that one token.
+    """
+
+    def __init__(
+        self, runner, layer: int | None = None, max_length: int = 512, precision: str = "float32",
+        rms_normalize: bool = True,
+    ) -> None:
         depth = int(runner.num_layers)
         self.layer = depth // 2 if layer is None else int(layer)
         if not 0 <= self.layer <= depth:
@@ -244,16 +259,20 @@ class SelfEncoder:
         self.runner = runner
         self.max_length = max_length
         self.precision = precision
+        self.rms_normalize = rms_normalize
         self.dim = int(runner.model.config.hidden_size)
         self.model_name = str(getattr(runner, "model_name", "") or getattr(runner.model.config, "_name_or_path", ""))
 
     def cache_key(self) -> str:
-        return f"self:{self.model_name}:layer={self.layer}:max_length={self.max_length}:precision={self.precision}"
+        norm = ":rms" if self.rms_normalize else ""
+        return f"self:{self.model_name}:layer={self.layer}:max_length={self.max_length}:precision={self.precision}{norm}"
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> list[torch.Tensor]:
-        states = self.runner.token_states(texts, self.layer)
-        return round_features([s[-self.max_length :].float().cpu() for s in states], self.precision)
+        states = [s[-self.max_length :].float().cpu() for s in self.runner.token_states(texts, self.layer)]
+        if self.rms_normalize:
+            states = [s / s.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() for s in states]
+        return round_features(states, self.precision)
 
 
 def build_encoder(
@@ -269,7 +288,7 @@ def build_encoder(
     if spec.name == "self":
         if runner is None:
             raise PolarError("encoder 'self' needs the base model (a ProgramRunner)")
-        return SelfEncoder(runner, spec.layer, spec.max_length, spec.precision)
+        return SelfEncoder(runner, spec.layer, spec.max_length, spec.precision, spec.rms_normalize)
     return HFEncoder(resolve_encoder_name(spec.name), spec.max_length, device, cache_dir,
                      trust_remote_code=trust_remote_code, precision=spec.precision)
 

