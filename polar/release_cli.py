@@ -206,7 +206,14 @@ class Job:
         """``--checkpoint_path``, else the name these flags train into (readable part + identity hash)."""
         if self.args.checkpoint_path:
             return Path(self.args.checkpoint_path)
-        return self.checkpoint_dir / f"{self.output_stem()}_{self.identity_hash}.safetensors"
+        try:
+            digest = self.identity_hash
+        except DataError as err:
+            if not self.args.eval:
+                raise
+            raise DataError(f"{err} (the checkpoint name covers the training data; to evaluate without "
+                            "it, pass --checkpoint_path)") from None
+        return self.checkpoint_dir / f"{self.output_stem()}_{digest}.safetensors"
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -240,7 +240,7 @@ SAME_WEIGHT_FLAGS = [
     ["--eval_cache_breakdown"], ["--prompt_style", "chat"], ["--answer_mode", "lenient"], ["--fewshot", "2"],
     ["--eval_batch_size", "4"], ["--device", "cpu"], ["--use_wandb"], ["--wandb_project", "p"], ["--no_progress"],
     ["--delete_checkpoint_after_eval"], ["--eval"], ["--feature_cache_dir", "elsewhere"],
-    ["--tensorboard_dir", "tb"], ["--lenpref_beta", "0.2"], ["--warmup_steps", "10"],
+    ["--tensorboard_dir", "tb"], ["--trust_remote_code"], ["--lenpref_beta", "0.2"], ["--warmup_steps", "10"],
     ["--original_path_weight", "0.3"], ["--nan_lr_backoff", "0.5"], ["--amp_dtype", "bf16"],
 ]
 
@@ -257,14 +257,14 @@ def parse_once(monkeypatch):
     """Each Job reads the supervision file; parse it once for the many Jobs of a test."""
     import polar.data
 
-    parsed, load = {}, polar.data.load_samples
+    parsed, load = {}, polar.data.load_samples_with_metadata
 
     def load_once(path):
         if str(path) not in parsed:
             parsed[str(path)] = load(path)
         return parsed[str(path)]
 
-    monkeypatch.setattr(polar.data, "load_samples", load_once)
+    monkeypatch.setattr(polar.data, "load_samples_with_metadata", load_once)
 
 
 def test_checkpoint_name_covers_every_flag_that_changes_the_weights(tiny_setup, parse_once):

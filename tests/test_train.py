@@ -409,6 +409,42 @@ def _tiny_sets(nan_question=False, **flags):
     return TrainingSet(feats, examples), cfg
 
 
+def _record_lrs(monkeypatch) -> list[float]:
+    seen: list[float] = []
+
+    class Recording(torch.optim.AdamW):
+        def step(self, closure=None):
+            seen.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    return seen
+
+
+def test_the_loop_follows_the_release_schedule(monkeypatch, tmp_path):
+    """5 examples, batch 1, 3 epochs = 15 steps; linear, warmup 2: 0, .5, then 1 - k/13."""
+    seen = _record_lrs(monkeypatch)
+    data, cfg = _tiny_sets(lr_scheduler="linear", warmup_steps=2)
+    cfg.learning_rate = 0.1
+    train_predictor(data, None, cfg.predictor_config(4, 8), cfg, tmp_path / "c", EncoderSpec("hash", dim=8),
+                    log=lambda *_: None)
+    expected = [0.0, 0.05] + [0.1 * (1 - k / 13) for k in range(13)]
+    assert seen == pytest.approx(expected)
+
+
+def test_skipped_nan_batches_do_not_advance_the_schedule(monkeypatch, tmp_path):
+    seen = _record_lrs(monkeypatch)
+    data, cfg = _tiny_sets(nan_question=True, lr_scheduler="linear", nan_lr_backoff=0.5)
+    cfg.learning_rate = 0.1
+    result = train_predictor(data, None, cfg.predictor_config(4, 8), cfg, tmp_path / "c",
+                             EncoderSpec("hash", dim=8), log=lambda *_: None)
+    assert result.skipped_nan_steps == 3 and len(seen) == 12
+    scheduled = [0.1 * (1 - k / 15) for k in range(12)]  # the k-th update sees the k-th value
+    halved = [abs(lr - s / 2) < 1e-12 for lr, s in zip(seen, scheduled)]
+    assert all(h or abs(lr - s) < 1e-12 for h, lr, s in zip(halved, seen, scheduled))
+    assert 1 <= sum(halved) <= 3  # the update right after each skip (none after a final one)
+
+
 def test_nan_loss_stops_with_a_hint_without_nan_guard(tmp_path):
     data, cfg = _tiny_sets(nan_question=True)
     cfg.nan_guard = False
