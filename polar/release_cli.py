@@ -6,6 +6,12 @@ The flow per run: read the supervision files of the chosen difficulties, split t
 checkpoint with the expected name already exists (the release's behaviour; we say so), then
 evaluate it on the test questions and write ``eval_*.json`` plus plots. Everything here is glue:
 the work happens in :mod:`polar.train`, :mod:`polar.decode` and :mod:`polar.evaluate`.
+
+The expected checkpoint name ends in a hash of everything that changes the trained weights
+(:meth:`Job.training_identity`: training flags, predictor sizes and architecture, encoder and
+feature precision, splits, a digest of the training data), so a rerun with another learning rate
+trains a new predictor instead of reusing the old one; eval-only flags (beam size, top-k, cache
+trust, ...) are not part of it.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import argparse
 import os
 import random
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -101,7 +107,7 @@ def add_release_arguments(parser: argparse.ArgumentParser) -> None:
     add("--nan_lr_backoff", type=probability, default=0.0, help="factor in [0, 1] applied to the lr on a NaN loss; 0: off")
     add("--min_lr", type=finite_float, default=0.0, help="negative counts as 0 (as the release)")
     add("--grad_clip_norm", type=finite_float, default=0.0, help="<= 0: off")
-    add("--use_amp", action="store_true")
+    add("--use_amp", action="store_true", help="mixed precision on CUDA (fp16 with a gradient scaler, as the release)")
     add("--optimizer_eps", type=non_negative_float, default=1e-8)
     add("--weight_decay", type=non_negative_float, default=0.0)
     extras = parser.add_argument_group("polar extras")
@@ -110,6 +116,12 @@ def add_release_arguments(parser: argparse.ArgumentParser) -> None:
                              "'minilm' (bundled all-MiniLM-L6-v2) or 'hash' (toy, for tests)")
     extras.add_argument("--encoder_layer", type=non_negative_int, default=None,
                         help="for --encoder self: layers run before taking states (default D/2)")
+    extras.add_argument("--feature_precision", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="dtype the encoder runs in and its features are cached in (float32 = the release)")
+    extras.add_argument("--predictor_arch", choices=("release", "prenorm"), default="release",
+                        help="release: the authors' network; prenorm: our earlier pre-norm variant")
+    extras.add_argument("--amp_dtype", choices=("fp16", "bf16"), default="fp16",
+                        help="autocast dtype of --use_amp (fp16 uses a gradient scaler, bf16 needs none)")
     extras.add_argument("--feature_cache_dir", default=None, help="default: {save_dir}/cache/features")
     extras.add_argument("--prompt_style", default=None,
                         help="plain, chat, chat_nothink (default: the checkpoint's, else per model)")
@@ -184,21 +196,81 @@ class Job:
         return model_dir_name(self.args.model_path)
 
     def output_stem(self) -> str:
+        """Readable part of output names: policy, difficulties, seed, run tag."""
         a = self.args
         diff = "all" if a.eval_all_diffs else str(a.target_diff)
         tag = f"_{a.run_tag}" if a.run_tag else ""
         return f"polar_{a.policy_mode}_diff{diff}_seed{a.seed}{tag}"
 
     def checkpoint_path(self) -> Path:
+        """``--checkpoint_path``, else the name these flags train into (readable part + identity hash)."""
         if self.args.checkpoint_path:
             return Path(self.args.checkpoint_path)
-        return Path(self.args.save_dir) / "checkpoints" / self.model_dir / f"{self.output_stem()}.safetensors"
+        try:
+            digest = self.identity_hash
+        except DataError as err:
+            if not self.args.eval:
+                raise
+            raise DataError(f"{err} (the checkpoint name covers the training data; to evaluate without "
+                            "it, pass --checkpoint_path)") from None
+        return self.checkpoint_dir / f"{self.output_stem()}_{digest}.safetensors"
 
-    def eval_path(self) -> Path:
-        suffix = "_cache_breakdown" if self.args.eval_cache_breakdown else ""
-        if self.args.eval_dataset:
-            suffix += f"_{self.args.eval_dataset}"
-        return Path(self.args.save_dir) / "eval" / self.model_dir / f"eval_{self.output_stem()}{suffix}.json"
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.args.save_dir) / "checkpoints" / self.model_dir
+
+    def eval_path(self, checkpoint: Path) -> Path:
+        """``eval_{checkpoint name}.json``: one report per evaluated checkpoint. An explicit
+        ``--checkpoint_path`` also names the difficulties it is evaluated on, since its own name
+        need not say."""
+        from polar.predictor import checkpoint_files
+
+        a = self.args
+        stem = checkpoint_files(checkpoint)[0].name[: -len(".safetensors")]
+        if a.checkpoint_path and not a.eval_dataset:
+            stem += f"_diff{'all' if a.eval_all_diffs else a.target_diff}"
+        suffix = "_cache_breakdown" if a.eval_cache_breakdown else ""
+        if a.eval_dataset:
+            suffix += f"_{a.eval_dataset}"
+        return Path(a.save_dir) / "eval" / self.model_dir / f"eval_{stem}{suffix}.json"
+
+    # ---- identity of a training run
+
+    @cached_property
+    def train_config(self):
+        return train_config_from_args(self.args)
+
+    def encoder_spec(self):
+        from polar.encoders import EncoderSpec
+
+        return EncoderSpec(name=self.args.encoder, layer=self.args.encoder_layer, precision=self.args.feature_precision)
+
+    def training_identity(self, with_data: bool = True) -> dict:
+        """Everything that changes the trained weights; its hash ends the checkpoint name.
+
+        ``data`` digests the questions and valid programs of the train and validation splits, so
+        an edited or regenerated supervision file trains anew while its test part, metadata and
+        search statistics do not matter.
+        """
+        from polar.identity import samples_digest
+
+        train_size, val_size = parse_split_sizes(self.args.split_sizes)
+        identity = {
+            "model": self.model_dir,
+            "difficulties": self.diffs,
+            "split_sizes": [train_size, val_size],
+            "encoder": self.encoder_spec().to_dict(),
+            "training": self.train_config.weight_identity(),
+        }
+        if with_data:
+            identity["data"] = samples_digest(split for diff in self.diffs for split in self.splits[diff][:2])
+        return identity
+
+    @cached_property
+    def identity_hash(self) -> str:
+        from polar.identity import identity_hash
+
+        return identity_hash(self.training_identity())
 
     @property
     def feature_cache(self) -> Path:
@@ -307,45 +379,42 @@ def decode_config_from_args(args: argparse.Namespace):
 
 
 def train_job(job: Job) -> Path:
-    """Train unless the expected checkpoint exists; return the checkpoint path."""
-    from polar.encoders import EncoderSpec
-    from polar.io import run_metadata
-    from polar.predictor import checkpoint_files
-    from polar.train import TrainingSet, build_examples, cap_examples, check_logging_available, train_predictor
-
+    """Train unless a finished checkpoint of the same training identity exists; return its path."""
     from polar.distributed import parse_shard
+    from polar.identity import identity_hash
+    from polar.io import run_metadata
+    from polar.train import TrainingSet, check_logging_available, examples_from_files, train_predictor
 
     args, log = job.args, job.log
     path = job.checkpoint_path()
-    if all(p.exists() for p in checkpoint_files(path)):
-        log(f"checkpoint {path} already exists: skipping training "
-            "(delete it or pass a different --run_tag to retrain)")
+    identity = job.training_identity()
+    if reusable_checkpoint(path, identity, explicit=bool(args.checkpoint_path), log=log):
         return path
     if parse_shard(getattr(args, "shard", None))[1] > 1:
         raise CheckpointError(
             f"no checkpoint at {path}: train in one process first, then evaluate in shards with --eval "
             "(several ranks training the same checkpoint would overwrite each other)"
         )
-    config = train_config_from_args(args)
+    _note_unhashed_checkpoint(job)
+    config = job.train_config
     check_logging_available(config)
-    train_samples = [s for diff in job.diffs for s in job.splits[diff][0]]
-    val_samples = [] if args.no_validation else [s for diff in job.diffs for s in job.splits[diff][1]]
+    train_files = [job.splits[diff][0] for diff in job.diffs]
+    val_files = [] if args.no_validation else [job.splits[diff][1] for diff in job.diffs]
+    train_samples = [s for split in train_files for s in split]
+    val_samples = [s for split in val_files for s in split]
     if not train_samples:
         raise DataError("no training questions in the supervision files of the chosen difficulties")
-    rng = random.Random(args.seed)
     num_layers = job.num_layers
-    train_examples, train_stats = build_examples(train_samples, num_layers, config, rng)
-    train_examples = cap_examples(train_examples, args.max_total_examples, rng)
-    val_examples, val_stats = build_examples(val_samples, num_layers, config, rng)
-    val_examples = cap_examples(val_examples, args.max_val_examples, rng)
+    train_examples, train_stats = examples_from_files(train_files, num_layers, config, config.max_total_examples)
+    val_examples, val_stats = examples_from_files(val_files, num_layers, config, config.max_val_examples)
     log(f"train: {train_stats.summary()}")
     if val_samples:
         log(f"validation: {val_stats.summary()}")
-    spec = EncoderSpec(name=args.encoder, layer=args.encoder_layer)
+    spec = job.encoder_spec()
     encoder, train_features = job.encode(spec, [s.question for s in train_samples])
     _, val_features = job.encode(spec, [s.question for s in val_samples]) if val_samples else (None, [])
     if spec.name == "self":
-        spec = EncoderSpec(name="self", layer=encoder.layer, max_length=spec.max_length)
+        spec = replace(spec, layer=encoder.layer)
     prompt_style = job.prompt_style()
     meta = {
         "model_path": args.model_path,
@@ -354,6 +423,9 @@ def train_job(job: Job) -> Path:
         "fewshot": args.fewshot,
         "max_new_tokens": args.max_new_tokens,
         "difficulties": job.diffs,
+        "identity": identity,
+        "identity_hash": identity_hash(identity),
+        "flags": {k: v for k, v in sorted(vars(args).items()) if isinstance(v, (str, int, float, bool, type(None)))},
         "example_stats": {"train": asdict(train_stats), "validation": asdict(val_stats)},
         **run_metadata(model=args.model_path, encoder=spec.to_dict(), prompt_style=prompt_style, seed=args.seed),
     }
@@ -365,6 +437,102 @@ def train_job(job: Job) -> Path:
     best = f" (best epoch {result.best_epoch}, val_loss {result.best_val_loss:.4f})" if result.best_val_loss is not None else ""
     log(f"saved predictor checkpoint {path}{best}")
     return path
+
+
+def checkpoint_identity(meta: dict) -> tuple[dict, bool]:
+    """The training identity a checkpoint's JSON records, and whether it is only partial.
+
+    Checkpoints written before the identity was stored record their training flags (compared
+    as far as they go), their encoder name and, by its absence, the pre-norm architecture.
+    """
+    from dataclasses import fields as dataclass_fields
+
+    from polar.predictor import LEGACY_ARCH
+    from polar.train import TrainConfig
+
+    if isinstance(meta.get("identity"), dict):
+        return meta["identity"], False
+    partial: dict = {}
+    recorded = meta.get("training") if isinstance(meta.get("training"), dict) else {}
+    names = {f.name for f in dataclass_fields(TrainConfig)}
+    known = {k: v for k, v in recorded.items() if k in names}
+    architecture = meta.get("predictor") if isinstance(meta.get("predictor"), dict) else {}
+    known.setdefault("predictor_arch", architecture.get("arch", LEGACY_ARCH))
+    try:
+        partial["training"] = {k: v for k, v in TrainConfig(**known).weight_identity().items() if k in known}
+    except (TypeError, ValueError):
+        pass
+    encoder = meta.get("encoder")
+    if isinstance(encoder, dict) and "name" in encoder:
+        partial["encoder"] = {"name": encoder["name"]}
+    return partial, True
+
+
+def reusable_checkpoint(path: Path, identity: dict, explicit: bool, log) -> bool:
+    """True when a finished checkpoint trained with this identity is at ``path`` (and say so).
+
+    An unfinished one (interrupted training) is retrained. A finished one trained under other
+    settings is never overwritten: that is an error naming the differences.
+    """
+    import json
+
+    from polar.identity import identity_differences
+    from polar.predictor import checkpoint_files
+
+    weights, manifest = checkpoint_files(path)
+    if not (weights.exists() and manifest.exists()):
+        return False
+    try:
+        meta = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{manifest}: not a predictor checkpoint manifest ({err})") from None
+    if meta.get("complete") is False:
+        log(f"checkpoint {path} is unfinished (its training was interrupted): training again")
+        return False
+    stored, partial = checkpoint_identity(meta)
+    differences = identity_differences(stored, identity, only_common=partial)
+    if differences:
+        advice = ("pass another --checkpoint_path to train these flags" if explicit
+                  else "delete it or pass a different --run_tag")
+        raise CheckpointError(
+            f"{path} exists but was trained with other settings ({'; '.join(differences[:4])}"
+            f"{'; ...' if len(differences) > 4 else ''}); evaluate it with --eval, or {advice}"
+        )
+    checked = " (it records only its training flags; encoder and data were not checked)" if partial else ""
+    log(f"checkpoint {path} was trained with these same settings: skipping training{checked} "
+        "(delete it or pass a different --run_tag to retrain)")
+    return True
+
+
+def _note_unhashed_checkpoint(job: Job) -> None:
+    """Point at a checkpoint of the same run named the old way (no settings hash): it is not
+    reused, since the settings it was trained with cannot all be verified."""
+    if job.args.checkpoint_path:
+        return
+    old = job.checkpoint_dir / f"{job.output_stem()}.safetensors"
+    if old.exists():
+        job.log(f"note: {old} (named without a settings hash, from an older version) is not reused; "
+                f"evaluate it with --eval --checkpoint_path {old}")
+
+
+def warn_if_trained_differently(job: Job, path: Path, meta: dict, arch: str) -> None:
+    """``--eval`` of a checkpoint trained under other settings than these flags: say which
+    (evaluating a foreign checkpoint is legitimate, so this is not an error)."""
+    from polar.identity import identity_differences
+
+    try:
+        identity = job.training_identity()
+    except (DataError, FileNotFoundError):  # e.g. --eval_dataset without supervision files here
+        identity = job.training_identity(with_data=False)
+    stored, partial = checkpoint_identity({**meta, "predictor": {"arch": arch}})
+    if "data" not in identity:
+        stored = {k: v for k, v in stored.items() if k != "data"}
+    differences = identity_differences(stored, identity, only_common=partial)
+    if differences:
+        job.log(f"warning: checkpoint {path} was trained with other settings than these flags "
+                "(evaluating it anyway):")
+        for line in differences:
+            job.log(f"  {line}")
 
 
 def parse_split_sizes(text: str) -> tuple[int, int]:
@@ -398,9 +566,11 @@ def eval_job(job: Job, checkpoint: Path | None = None) -> Path:
     path = Path(checkpoint or job.checkpoint_path())
     refuse_pickle_checkpoint(path)
     if not all(p.exists() for p in checkpoint_files(path)):
-        raise CheckpointError(f"no predictor checkpoint at {path}: train first (drop --eval) or pass --checkpoint_path")
+        raise CheckpointError(f"no predictor checkpoint at {path}{_other_runs_hint(job)}: "
+                              "train first (drop --eval) or pass --checkpoint_path")
     runner = job.runner
     ckpt = load_checkpoint(path, num_layers=runner.num_layers, device=job.device or "cpu")
+    warn_if_trained_differently(job, path, ckpt.meta, ckpt.model.config.arch)
     samples, diffs = [], []
     if args.eval_dataset:
         samples = ood_samples(args.eval_dataset, args.eval_limit)
@@ -435,14 +605,15 @@ def eval_job(job: Job, checkpoint: Path | None = None) -> Path:
         "trust_valid_cache": args.trust_valid_cache,
         "decode": asdict(decode),
         "training": ckpt.meta.get("training"),
+        "checkpoint_identity_hash": ckpt.meta.get("identity_hash"),
         "checkpoint_prompt_style": ckpt.meta.get("prompt_style"),
     }
     if num_shards > 1:
-        report = _merge_if_complete(job.eval_path(), report, shard, num_shards, runner.num_layers)
+        report = _merge_if_complete(job.eval_path(path), report, shard, num_shards, runner.num_layers)
         if report is None:
-            log(f"shard {shard}/{num_shards} done; the last shard to finish writes {job.eval_path()}")
-            return job.eval_path()
-    out = write_report(report, job.eval_path(), runner.num_layers, settings, log=log)
+            log(f"shard {shard}/{num_shards} done; the last shard to finish writes {job.eval_path(path)}")
+            return job.eval_path(path)
+    out = write_report(report, job.eval_path(path), runner.num_layers, settings, log=log)
     log(format_metrics(report["metrics"]))
     log(f"wrote {out}")
     if args.delete_checkpoint_after_eval:
@@ -450,6 +621,18 @@ def eval_job(job: Job, checkpoint: Path | None = None) -> Path:
             file.unlink(missing_ok=True)
         log(f"deleted checkpoint {path}")
     return out
+
+
+def _other_runs_hint(job: Job) -> str:
+    """When --eval finds no checkpoint for these flags, name the ones of the same run trained
+    under other settings (a changed flag is the usual reason)."""
+    if job.args.checkpoint_path:
+        return ""
+    others = sorted(job.checkpoint_dir.glob(f"{job.output_stem()}_*.safetensors"))
+    if not others:
+        return ""
+    names = ", ".join(o.name for o in others[:3]) + (", ..." if len(others) > 3 else "")
+    return f" (checkpoints of this run trained with other flags: {names}; pass one as --checkpoint_path)"
 
 
 def _merge_if_complete(eval_path: Path, report: dict, shard: int, num_shards: int, num_layers: int) -> dict | None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import shutil
 
 import pytest
 
-from polar.release_cli import build_parser, main
+from polar.release_cli import Job, build_parser, main
 
 from conftest import tiny_model
 
@@ -106,12 +108,15 @@ def test_end_to_end_train_then_eval_then_skip(tiny_setup, capsys):
     assert run(tiny_setup) == 0
     out = capsys.readouterr().out
     assert "train 1250, validation 250, test 4" in out and "no segment parse" in out
-    ckpts = list((root / "out" / "checkpoints").rglob("*.safetensors"))
-    assert [c.name for c in ckpts] == ["polar_polar_diff1_seed42.safetensors"]
-    manifest = json.loads(ckpts[0].with_suffix(".json").read_text())
+    (ckpt,) = list((root / "out" / "checkpoints").rglob("polar_polar_diff1_seed42_*.safetensors"))
+    name_hash = re.fullmatch(r"polar_polar_diff1_seed42_([0-9a-f]{10})\.safetensors", ckpt.name).group(1)
+    manifest = json.loads(ckpt.with_suffix(".json").read_text())
     assert manifest["num_layers"] == 6 and manifest["encoder"]["name"] == "hash"
     assert manifest["training"]["original_path_weight"] == 0.3 and manifest["prompt_style"] == "plain"
+    assert manifest["complete"] is True and manifest["identity_hash"] == name_hash
+    assert manifest["identity"]["training"]["learning_rate"] == 5e-4 and manifest["flags"]["beam_size"] == 5
     (report_path,) = (root / "out" / "eval").rglob("eval_*.json")
+    assert report_path.name == f"eval_{ckpt.stem}.json"
     report = json.loads(report_path.read_text())
     overall = report["metrics"]["overall"]
     for key in ("pass_at_k", "pass_at_1", "vote_at_k", "baseline_accuracy", "mean_layers_top1",
@@ -123,7 +128,7 @@ def test_end_to_end_train_then_eval_then_skip(tiny_setup, capsys):
     assert list((root / "out" / "eval").rglob("*_layer_heatmap.png"))
     # second run: the checkpoint exists, training is skipped and it says so
     assert run(tiny_setup) == 0
-    assert "already exists: skipping training" in capsys.readouterr().out
+    assert f"{ckpt} was trained with these same settings: skipping training" in capsys.readouterr().out
 
 
 def test_polar_eval_subcommand_and_depth_mismatch(tiny_setup, tmp_path, capsys):
@@ -145,10 +150,10 @@ def test_self_encoder_uses_the_base_model_states(tiny_setup, capsys):
     root, _, _ = tiny_setup
     assert run(tiny_setup, "--encoder", "self", "--encoder_layer", "2", "--num_epochs", "1",
                "--max_total_examples", "256", "--max_val_examples", "64", "--run_tag", "self") == 0
-    (manifest,) = (root / "out" / "checkpoints").rglob("*_self.json")
+    (manifest,) = (root / "out" / "checkpoints").rglob("*_self_*.json")
     encoder = json.loads(manifest.read_text())["encoder"]
     assert encoder["name"] == "self" and encoder["layer"] == 2
-    (report,) = (root / "out" / "eval").rglob("eval_*_self.json")
+    (report,) = (root / "out" / "eval").rglob("eval_*_self_*.json")
     assert json.loads(report.read_text())["metrics"]["overall"]["num_questions"] == 4
 
 
@@ -160,7 +165,7 @@ def test_sharded_eval_merges_into_one_report(tiny_setup, capsys):
     assert run(tiny_setup, *common, "--shard", "0/2") == 2  # no checkpoint: train unsharded first
     assert "train in one process first" in capsys.readouterr().err
     assert run(tiny_setup, *common) == 0
-    (single,) = (root / "out" / "eval").rglob("eval_*_sharded.json")
+    (single,) = (root / "out" / "eval").rglob("eval_*_sharded_*.json")
     expected = json.loads(single.read_text())
     single.unlink()
     assert run(tiny_setup, *common, "--eval", "--shard", "1/2") == 0
@@ -184,7 +189,7 @@ def test_eval_all_diffs_reports_each_difficulty(tiny_setup):
             "--polar_d_model", "16", "--num_samples", "1", "--top_k_paths", "2", "--max_new_tokens", "2",
             "--max_total_examples", "256", "--max_val_examples", "64", "--device", "cpu", "--no_progress"]
     assert main(args) == 0
-    (report,) = (root / "out" / "eval").rglob("eval_polar_polar_diffall_seed42.json")
+    (report,) = (root / "out" / "eval").rglob("eval_polar_polar_diffall_seed42_*.json")
     metrics = json.loads(report.read_text())["metrics"]
     assert set(metrics["per_difficulty"]) == {"1", "2", "3", "4", "5"}
     assert metrics["overall"]["num_questions"] == 5
@@ -198,7 +203,7 @@ def test_scaled_down_splits_and_out_of_distribution_eval(tiny_setup, capsys):
     assert "train 100, validation 20, test 4" in capsys.readouterr().out
     # the same checkpoint on another question set: live only, its own report file
     assert run(tiny_setup, *tag, "--eval", "--eval_dataset", "mawps", "--eval_limit", "3") == 0
-    (report_path,) = (root / "out" / "eval").rglob("eval_*small_mawps.json")
+    (report_path,) = (root / "out" / "eval").rglob("eval_*_small_*_mawps.json")
     report = json.loads(report_path.read_text())
     assert set(report["metrics"]["per_difficulty"]) == {"mawps"}
     assert report["metrics"]["overall"]["num_questions"] == 3
@@ -209,3 +214,154 @@ def test_scaled_down_splits_and_out_of_distribution_eval(tiny_setup, capsys):
 def test_bad_split_sizes_are_one_line_errors(tiny_setup, capsys):
     assert run(tiny_setup, "--split_sizes", "12") == 2
     assert "--split_sizes must look like 1250,250" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- checkpoint identity
+
+BASE = ["--target_diff", "1", "--encoder", "hash", "--learning_rate", "5e-4"]
+WEIGHT_FLAGS = [
+    ["--learning_rate", "1e-3"], ["--num_epochs", "3"], ["--batch_size", "64"], ["--seed", "7"],
+    ["--policy_mode", "polar_lenpref"], ["--policy_mode", "polar_lenpref", "--lenpref_beta", "0.1"],
+    ["--drop_original_path_if_shorter_valid"], ["--keep_original_prob", "0.5"],
+    ["--reweight_original_path_if_shorter_valid"],
+    ["--reweight_original_path_if_shorter_valid", "--original_path_weight", "0.3"],
+    ["--anti_original_lambda", "0.1"], ["--per_sample_weight_normalize"], ["--max_paths_per_sample", "10"],
+    ["--max_total_examples", "100"], ["--max_val_examples", "50"], ["--no_validation"],
+    ["--split_sizes", "1000,250"], ["--polar_d_model", "128"], ["--polar_heads", "8"], ["--polar_layers", "3"],
+    ["--predictor_arch", "prenorm"], ["--encoder", "minilm"], ["--encoder_layer", "2"],
+    ["--feature_precision", "bfloat16"], ["--lr_scheduler", "cosine"],
+    ["--lr_scheduler", "cosine", "--warmup_steps", "10"], ["--nan_guard"],
+    ["--nan_guard", "--nan_lr_backoff", "0.5"], ["--nan_guard", "--min_lr", "1e-6"], ["--grad_clip_norm", "1.0"],
+    ["--use_amp"], ["--use_amp", "--amp_dtype", "bf16"], ["--optimizer_eps", "1e-6"], ["--weight_decay", "0.01"],
+]
+SAME_WEIGHT_FLAGS = [
+    ["--beam_size", "3"], ["--top_k_paths", "2"], ["--top_k_ops", "3"], ["--seg_threshold", "0.3"],
+    ["--len_penalty", "0.1"], ["--no_trust_valid_cache"], ["--max_new_tokens", "8"], ["--num_samples", "2"],
+    ["--eval_cache_breakdown"], ["--prompt_style", "chat"], ["--answer_mode", "lenient"], ["--fewshot", "2"],
+    ["--eval_batch_size", "4"], ["--device", "cpu"], ["--use_wandb"], ["--wandb_project", "p"], ["--no_progress"],
+    ["--delete_checkpoint_after_eval"], ["--eval"], ["--feature_cache_dir", "elsewhere"],
+    ["--tensorboard_dir", "tb"], ["--trust_remote_code"], ["--lenpref_beta", "0.2"], ["--warmup_steps", "10"],
+    ["--original_path_weight", "0.3"], ["--nan_lr_backoff", "0.5"], ["--amp_dtype", "bf16"],
+]
+
+
+def job_for(tiny_setup, *flags, data=None):
+    root, model_dir, default_data = tiny_setup
+    args = build_parser().parse_args([*BASE, "--model_path", str(model_dir), "--data_root", str(data or default_data),
+                                      "--save_dir", str(root / "names"), *flags])
+    return Job(args, log=lambda *_: None)
+
+
+@pytest.fixture
+def parse_once(monkeypatch):
+    """Each Job reads the supervision file; parse it once for the many Jobs of a test."""
+    import polar.data
+
+    parsed, load = {}, polar.data.load_samples_with_metadata
+
+    def load_once(path):
+        if str(path) not in parsed:
+            parsed[str(path)] = load(path)
+        return parsed[str(path)]
+
+    monkeypatch.setattr(polar.data, "load_samples_with_metadata", load_once)
+
+
+def test_checkpoint_name_covers_every_flag_that_changes_the_weights(tiny_setup, parse_once):
+    base = job_for(tiny_setup).checkpoint_path()
+    names = {base}
+    for flags in WEIGHT_FLAGS:
+        path = job_for(tiny_setup, *flags).checkpoint_path()
+        assert path not in names, flags
+        names.add(path)
+    for flags in SAME_WEIGHT_FLAGS:
+        assert job_for(tiny_setup, *flags).checkpoint_path() == base, flags
+
+
+def test_checkpoint_name_covers_the_training_data(tiny_setup, tmp_path):
+    """Editing a training question's programs trains anew; editing a test question does not."""
+    root, model_dir, data = tiny_setup
+    base = job_for(tiny_setup).checkpoint_path()
+    from polar.data import supervision_path
+
+    original = json.loads(supervision_path(data, str(model_dir), 1).read_text())
+    for index, expect_same in ((3, False), (1260, False), (1502, True)):
+        edited = json.loads(json.dumps(original))
+        edited["samples"][index]["final_valid_transitions"] = [[0, 1, 2, 3, 4, 5]]
+        copy = tmp_path / f"data{index}"
+        path = supervision_path(copy, str(model_dir), 1)
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(edited))
+        assert (job_for(tiny_setup, data=copy).checkpoint_path() == base) is expect_same, index
+
+
+def test_data_root_that_already_ends_in_the_model_path_is_accepted(tiny_setup):
+    from polar.data import model_dir_name, supervision_path
+
+    root, model_dir, data = tiny_setup
+    inner = data / model_dir_name(str(model_dir))
+    assert supervision_path(inner, str(model_dir), 1) == supervision_path(data, str(model_dir), 1)
+    assert job_for(tiny_setup, data=inner).checkpoint_path() == job_for(tiny_setup).checkpoint_path()
+    # whole components only: a root that merely ends in the same letters is not the model folder
+    assert supervision_path(data / f"x{inner.name}", str(model_dir), 1).parent.parent.name == inner.name
+
+
+def quick(tiny_setup, *extra):
+    return run(tiny_setup, "--num_epochs", "1", "--max_total_examples", "128", "--max_val_examples", "64",
+               "--num_samples", "2", *extra)
+
+
+def test_changed_flag_trains_anew_and_eval_of_a_foreign_checkpoint_warns(tiny_setup, capsys):
+    root, _, _ = tiny_setup
+    assert quick(tiny_setup, "--run_tag", "sweep") == 0
+    (first,) = (root / "out" / "checkpoints").rglob("*_sweep_*.safetensors")
+    capsys.readouterr()
+    assert quick(tiny_setup, "--run_tag", "sweep", "--learning_rate", "1e-3") == 0
+    out = capsys.readouterr().out
+    assert "saved predictor checkpoint" in out and "skipping training" not in out
+    assert len(list((root / "out" / "checkpoints").rglob("*_sweep_*.safetensors"))) == 2
+    # evaluating the first checkpoint under the second run's flags: a warning naming the flag
+    assert quick(tiny_setup, "--run_tag", "sweep", "--learning_rate", "1e-3", "--eval",
+                 "--checkpoint_path", str(first)) == 0
+    out = capsys.readouterr().out
+    assert "warning: checkpoint" in out and "other settings than these flags" in out
+    assert "training.learning_rate: 0.0005 (checkpoint) vs 0.001 (these flags)" in out
+    assert (root / "out" / "eval" / "tiny-llama" / f"eval_{first.stem}_diff1.json").exists()
+    # the same flags: no warning
+    assert quick(tiny_setup, "--run_tag", "sweep", "--eval", "--checkpoint_path", str(first)) == 0
+    assert "warning" not in capsys.readouterr().out
+    # --eval with flags nothing was trained with names the checkpoints that exist
+    assert quick(tiny_setup, "--run_tag", "sweep", "--learning_rate", "2e-3", "--eval") == 2
+    err = capsys.readouterr().err
+    assert "no predictor checkpoint" in err and first.name in err and len(err.strip().splitlines()) == 1
+
+
+def test_unfinished_checkpoint_is_retrained_and_a_foreign_one_is_never_overwritten(tiny_setup, capsys):
+    root, _, _ = tiny_setup
+    assert quick(tiny_setup, "--run_tag", "resume") == 0
+    (ckpt,) = (root / "out" / "checkpoints").rglob("*_resume_*.safetensors")
+    manifest = ckpt.with_suffix(".json")
+    meta = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**meta, "complete": False}))
+    capsys.readouterr()
+    assert quick(tiny_setup, "--run_tag", "resume") == 0
+    assert "is unfinished (its training was interrupted): training again" in capsys.readouterr().out
+    assert json.loads(manifest.read_text())["complete"] is True
+    # training into an explicit path that holds a checkpoint of other flags: refused, file kept
+    before = ckpt.read_bytes()
+    assert quick(tiny_setup, "--run_tag", "resume", "--batch_size", "64", "--checkpoint_path", str(ckpt)) == 2
+    err = capsys.readouterr().err
+    assert "exists but was trained with other settings (training.batch_size: 128 (checkpoint) vs 64" in err
+    assert ckpt.read_bytes() == before
+
+
+def test_checkpoint_named_without_a_hash_is_pointed_at_not_reused(tiny_setup, capsys):
+    root, model_dir, _ = tiny_setup
+    folder = root / "out" / "checkpoints" / "tiny-llama"
+    folder.mkdir(parents=True, exist_ok=True)
+    old = folder / "polar_polar_diff1_seed42_legacy.safetensors"
+    old.write_bytes(b"")
+    old.with_suffix(".json").write_text("{}")
+    assert quick(tiny_setup, "--run_tag", "legacy") == 0
+    out = capsys.readouterr().out
+    assert f"note: {old} (named without a settings hash" in out and "saved predictor checkpoint" in out
