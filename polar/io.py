@@ -12,9 +12,28 @@ import platform
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 PROGRAM_SEMANTICS = "unrolled: every program position has its own KV state"
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed row)`` for each non-blank line of a JSONL file; invalid JSON or text
+    that is not UTF-8 is a :class:`polar.errors.DataError` naming the file and line."""
+    from polar.errors import DataError
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield line_no, json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}: line {line_no}: invalid JSON ({err.msg})") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

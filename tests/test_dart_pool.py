@@ -195,7 +195,7 @@ def test_malformed_rows_name_file_row_and_field(tmp_path, bad_row, message):
 def test_unreadable_files_are_one_line_errors(tmp_path):
     broken = tmp_path / "pool.jsonl"
     broken.write_text(json.dumps(row("a", 2)) + "\n\n{not json\n")
-    with pytest.raises(DataError, match=r"pool.jsonl: row 1 \(line 3\): invalid JSON"):
+    with pytest.raises(DataError, match=r"pool.jsonl: line 3: invalid JSON"):
         load_questions(str(broken), difficulty=2)
     not_rows = tmp_path / "pool.json"
     not_rows.write_text(json.dumps({"rows": []}))

@@ -218,45 +218,58 @@ def test_rows_that_stop_early_are_compacted_without_changing_the_others():
 # --------------------------------------------------------------------------- search
 
 
-def test_search_writes_the_same_supervision_with_and_without_each_speed_feature(monkeypatch):
-    """Rewards depend on the exact generated text (a hash), so any token difference would show."""
-    import polar.scoring
+class _WordTokens:
+    """A word-level tokenizer over the tiny models' vocabulary."""
+
+    bos_token = None
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [4 + zlib.crc32(w.encode()) % 90 for w in text.split()]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+    def get_vocab(self):
+        return {}
+
+
+def _hash_verdicts(texts, golds, prompt_style, answer_mode):
+    """Rewards that depend on the exact generated text, so any token difference shows."""
+    return [(t, zlib.crc32(t.encode()) % 3 == 0) for t in texts]
+
+
+def _questions(rng: random.Random, n: int = 6):
     from polar.datasets import Question
+
+    return [Question(id=f"q{i}", question=" ".join(str(rng.randrange(100)) for _ in range(rng.randrange(1, 30))),
+                     answer="1", source="test") for i in range(n)]
+
+
+def _search(runner, questions):
     from polar.scoring import ProgramScorer
     from polar.search import SearchConfig, search_many
 
-    def text_hash_verdicts(texts, golds, prompt_style, answer_mode):
-        return [(t, zlib.crc32(t.encode()) % 3 == 0) for t in texts]
+    scorer = ProgramScorer(runner, max_new_tokens=5, batch_size=4, judge_workers=0)
+    samples = search_many(questions, scorer, D, SearchConfig(num_simulations=12), max_active=4)
+    for sample in samples:
+        sample.get("search", {}).pop("seconds", None)
+    return samples
 
-    monkeypatch.setattr(polar.scoring, "judge_texts", text_hash_verdicts)
+
+def test_search_writes_the_same_supervision_with_and_without_each_speed_feature(monkeypatch):
+    import polar.scoring
+
+    monkeypatch.setattr(polar.scoring, "judge_texts", _hash_verdicts)
     rng = random.Random()
     seed = rng.randrange(1000)
-    questions = [Question(id=f"q{i}", question=" ".join(str(rng.randrange(100)) for _ in range(rng.randrange(1, 30))),
-                          answer="1", source="test") for i in range(6)]
-
-    class Tokens:  # a word-level tokenizer over the tiny vocabulary
-        bos_token = None
-        chat_template = None
-
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [4 + zlib.crc32(w.encode()) % 90 for w in text.split()]}
-
-        def decode(self, ids, skip_special_tokens=True):
-            return " ".join(map(str, ids))
-
-        def get_vocab(self):
-            return {}
-
+    questions = _questions(rng)
     results = {}
     for name, switch in _variants():
-        runner = ProgramRunner(tiny_model("qwen2", seed=seed), tokenizer=Tokens(), max_batch_size=4)
+        runner = ProgramRunner(tiny_model("qwen2", seed=seed), tokenizer=_WordTokens(), max_batch_size=4)
         runner._stop_ids = {5}
         switch(runner)
-        scorer = ProgramScorer(runner, max_new_tokens=5, batch_size=4, judge_workers=0)
-        samples = search_many(questions, scorer, D, SearchConfig(num_simulations=12), max_active=4)
-        for sample in samples:
-            sample.get("search", {}).pop("seconds", None)
-        results[name] = samples
+        results[name] = _search(runner, questions)
     for name, samples in results.items():
         assert samples == results["all off"], name
 
@@ -292,30 +305,11 @@ def test_search_on_the_gpu_writes_the_same_supervision_with_and_without_each_fea
     """fp32 on CUDA: graphs, compile, fused projections, Triton attention, one graph per token
     and the prompt cache, each switched off in turn, give the same search labels."""
     import polar.scoring
-    from polar.datasets import Question
-    from polar.scoring import ProgramScorer
-    from polar.search import SearchConfig, search_many
 
-    monkeypatch.setattr(polar.scoring, "judge_texts",
-                        lambda texts, golds, style, mode: [(t, zlib.crc32(t.encode()) % 3 == 0) for t in texts])
+    monkeypatch.setattr(polar.scoring, "judge_texts", _hash_verdicts)
     rng = random.Random()
     seed = rng.randrange(1000)
-    questions = [Question(id=f"q{i}", question=" ".join(str(rng.randrange(100)) for _ in range(rng.randrange(1, 30))),
-                          answer="1", source="test") for i in range(6)]
-
-    class Tokens:
-        bos_token = None
-        chat_template = None
-
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [4 + zlib.crc32(w.encode()) % 90 for w in text.split()]}
-
-        def decode(self, ids, skip_special_tokens=True):
-            return " ".join(map(str, ids))
-
-        def get_vocab(self):
-            return {}
-
+    questions = _questions(rng)
     variants = {
         "all on": {},
         "no triton attention": {"triton_attention": False},
@@ -325,16 +319,12 @@ def test_search_on_the_gpu_writes_the_same_supervision_with_and_without_each_fea
     }
     results = {}
     for name, options in [*variants.items(), ("eager backend, no prompt cache", None)]:
-        runner = ProgramRunner(tiny_model("llama", seed=seed).cuda(), tokenizer=Tokens(), max_batch_size=4)
+        runner = ProgramRunner(tiny_model("llama", seed=seed).cuda(), tokenizer=_WordTokens(), max_batch_size=4)
         runner._stop_ids = {5}
         if options is None:
             runner.use_prompt_cache = False
         else:
             assert runner.enable_fast_path(**options)
-        scorer = ProgramScorer(runner, max_new_tokens=5, batch_size=4, judge_workers=0)
-        samples = search_many(questions, scorer, D, SearchConfig(num_simulations=12), max_active=4)
-        for sample in samples:
-            sample.get("search", {}).pop("seconds", None)
-        results[name] = samples
+        results[name] = _search(runner, questions)
     for name, samples in results.items():
         assert samples == results["eager backend, no prompt cache"], name
