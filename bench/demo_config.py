@@ -56,17 +56,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def judge(texts: Sequence[str], golds: Sequence[str], style: str, mode: str) -> list[bool]:
-    """Correctness of each completion under one answer rule (same code path as the scorer)."""
-    from polar.math import check_answers, extract_answer
-    from polar.prompts import completion_answer_text
+    """Correctness of each completion under one answer rule (the scorer's own check)."""
+    from polar.scoring import judge_texts
 
-    answers = [extract_answer(completion_answer_text(t, style), mode) for t in texts]
-    present = [i for i, a in enumerate(answers) if a is not None]
-    ok = check_answers([answers[i] for i in present], [golds[i] for i in present]) if present else []
-    correct = [False] * len(texts)
-    for i, verdict in zip(present, ok):
-        correct[i] = bool(verdict)
-    return correct
+    return [correct for _, correct in judge_texts(texts, golds, style, mode)]
 
 
 def random_programs(num_layers: int, bounds: tuple[int, int], count: int, rng: random.Random) -> list[list[int]]:
