@@ -666,8 +666,8 @@ class CudaGraphDecoder:
         runner = self.runner
         batch = len(token_lists)
         width = max(len(t) for t in token_lists)
-        device_steps = steps  # prefill reads host members/positions only
-        last = prefill(runner, token_lists, programs, device_steps, _SlotSink(slots), cache=runner.prompt_cache)
+        # the steps stay on the host: prefill reads only their members and positions
+        last = prefill(runner, token_lists, programs, steps, _SlotSink(slots), cache=runner.prompt_cache)
         lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.long)
         valid = torch.arange(width)[None, :] >= width - lengths[:, None]
         if runner.device.type == "cuda":
