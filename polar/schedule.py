@@ -229,9 +229,10 @@ def plan_groups(
         members = order[start:start + size]
         start += size
         width = max(lengths[r] for r in members)
-        parts = 1 if max_cells is None else max(1, -(-(len(members) * width) // max_cells))
+        limit = len(members) if max_cells is None else max(1, max_cells // max(width, 1))
         if max_rows is not None:
-            parts = max(parts, -(-len(members) // max_rows))
+            limit = min(limit, max_rows)
+        parts = -(-len(members) // limit)  # as even as the row limit allows
         step = -(-len(members) // parts)
         groups.extend(members[k:k + step] for k in range(0, len(members), step))
     return groups
