@@ -378,10 +378,7 @@ class CudaGraphDecoder:
         self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
         attn_configs = {id(layer.self_attn.config): layer.self_attn.config for layer in runner._layers}
         self._attn_configs = list(attn_configs.values())
-        attn = runner._layers[0].self_attn
-        config = runner.config
-        self._kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-        self._head_dim = int(getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        self._kv_heads, self._head_dim = runner.kv_shape
         self.capture_logits = False  # tests: keep each step's logits in `last_logits`
         self.last_logits: list[torch.Tensor] = []
         self.graphs_captured = 0
@@ -559,7 +556,7 @@ class CudaGraphDecoder:
     # ---- memory
 
     def _slot_bytes(self, bucket: int, tcap: int) -> int:
-        return 2 * bucket * self._kv_heads * tcap * self._head_dim * torch.empty((), dtype=self.runner.dtype).element_size()
+        return bucket * tcap * self.runner.kv_column_bytes
 
     def _make_room(self, ws: _Workspace, steps: list, batch: int) -> None:
         """Free what only saves time until the slots this batch still has to allocate fit in device

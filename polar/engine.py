@@ -239,10 +239,7 @@ class ProgramRunner:
         if not self.use_prompt_cache:
             return None
         if self._prompt_cache is None:
-            attn = self._layers[0].self_attn
-            config = self.config
-            kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-            head_dim = int(getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+            kv_heads, head_dim = self.kv_shape
             budget = self.prompt_cache_bytes if self.prompt_cache_bytes is not None else self._default_cache_bytes()
             self._prompt_cache = PromptCache(
                 self.num_layers, kv_heads, head_dim, self._backbone.embed_tokens.weight.shape[1],
@@ -283,6 +280,20 @@ class ProgramRunner:
     @property
     def model_name(self) -> str:
         return self.source
+
+    @property
+    def kv_shape(self) -> tuple[int, int]:
+        """(KV heads, head size) of the attention layers: what one KV column holds per layer."""
+        config, attn = self.config, self._layers[0].self_attn
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+        head_dim = int(getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        return kv_heads, head_dim
+
+    @property
+    def kv_column_bytes(self) -> int:
+        """Bytes of one token's keys and values in one layer."""
+        kv_heads, head_dim = self.kv_shape
+        return 2 * kv_heads * head_dim * torch.empty((), dtype=self.dtype).element_size()
 
     def _sliding_layers(self) -> dict[int, int]:
         """Layers that attend within a window (e.g. Gemma/Qwen2 hybrids), by config."""
@@ -514,12 +525,8 @@ class ProgramRunner:
             return min(64, cap)
         lengths = sorted(prompt_lengths) or [256]
         typical = lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))]
-        config = self.config
-        attn = self._layers[0].self_attn
-        kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-        head_dim = int(getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads)
         size = torch.empty((), dtype=self.dtype).element_size()
-        column = 2 * kv_heads * head_dim * size
+        column = self.kv_column_bytes
         hidden = self._backbone.embed_tokens.weight.shape[1] * size
         slots = 1.25 * self.num_layers * (typical + max_new_tokens) * column
         cached = typical * (self.num_layers * column + (self.num_layers + 1) * hidden) if self.use_prompt_cache else 0
@@ -530,12 +537,8 @@ class ProgramRunner:
     def _chunk_costs(self) -> tuple[float, float]:
         """Decode cost per token, in bytes: (one row's KV column over all layers, one chunk's
         pass over the weights of ~2D schedule steps plus their launches on CUDA)."""
-        config = self.config
-        attn = self._layers[0].self_attn
-        kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-        head_dim = int(getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads)
         size = torch.empty((), dtype=self.dtype).element_size()
-        column = self.num_layers * 2 * kv_heads * head_dim * size
+        column = self.num_layers * self.kv_column_bytes
         layer = sum(p.numel() for p in self._layers[0].parameters()) * size
         launch = 256 * 2**20 if self.device.type == "cuda" else 0
         return float(column), float(2 * self.num_layers * (layer + launch))
