@@ -56,11 +56,13 @@ RNG is its own, so its result does not depend on which other questions share the
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -323,7 +325,19 @@ def question_search(
         child = Node(program, reward, parent=node)
         node.children.append(child)
         backpropagate(child, reward)
+    free_tree(root)
     return SearchResult(rewards, initial, simulations, free_steps)
+
+
+def free_tree(root: Any) -> None:
+    """Break a finished tree's parent/child cycles so reference counting frees it at once (the
+    search runs with automatic cyclic collection paused, see :func:`search_many`)."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        node.children = []
+        node.parent = None
 
 
 def tree_search(
@@ -369,6 +383,45 @@ def search_many(
     every round in which questions finished (the CLI saves progress there); ``on_round(finished,
     programs)`` reports progress counts.
     """
+    with _collection_paused():
+        return _search_many(questions, scorer, num_layers, config, model_name, max_active, on_finished, on_round,
+                            deadline)
+
+
+#: Rounds between the cyclic collections a search runs itself (see :func:`_collection_paused`).
+COLLECTION_ROUNDS = 32
+
+
+@contextmanager
+def _collection_paused() -> Iterator[None]:
+    """Pause Python's automatic cyclic collector during a search; the driver runs a full
+    collection every :data:`COLLECTION_ROUNDS` rounds instead (:func:`_collect_after_round`).
+
+    Why: a search keeps ~1,000 trees of ~1,000 nodes each alive, and automatic collection rescans
+    them ever more often as they grow: measured, 60% of the tree policy's host time (1024
+    questions x 16 simulations on D = 28: 5.1 s with automatic collection, 2.1 s without), all of
+    it while the device idles between rounds. Finished trees are freed by reference counting
+    (:func:`free_tree` breaks their cycles), so the periodic collections only bound cyclic
+    garbage from elsewhere (the scorer, the model's code); the setting is restored on exit."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _collect_after_round(rounds: int) -> None:
+    if rounds % COLLECTION_ROUNDS == 0:
+        gc.collect()
+
+
+def _search_many(
+    questions: Sequence[Any], scorer: Scorer, num_layers: int, config: SearchConfig, model_name: str | None,
+    max_active: int | None, on_finished: Callable[[list[dict[str, Any]]], None] | None,
+    on_round: Callable[[int, int], None] | None, deadline: float | None,
+) -> list[dict[str, Any]]:
     bounds = length_bounds(model_name, num_layers, config)
     limit = len(questions) if max_active is None else max(1, max_active)
     queue = iter(range(len(questions)))
@@ -386,7 +439,9 @@ def search_many(
 
     while len(active) < limit and start_next():
         pass
+    rounds = 0
     while active:
+        rounds += 1
         indices = list(active)
         outcomes = scorer.score([questions[i] for i in indices], [active[i][1] for i in indices])
         finished: list[dict[str, Any]] = []
@@ -405,6 +460,7 @@ def search_many(
             on_round(len(finished), len(indices))
         if finished and on_finished is not None:
             on_finished(finished)
+        _collect_after_round(rounds)
     return [r for r in results if r is not None]
 
 

@@ -46,12 +46,13 @@ import random
 from collections import deque
 from collections.abc import Generator
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from polar.programs import full_program
-from polar.search import Program, SearchConfig, SearchResult
+from polar.search import Program, SearchConfig, SearchResult, free_tree
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ReleaseNode:
     """One program in one question's tree, with the release's bookkeeping."""
 
@@ -77,22 +78,39 @@ def release_children(
     this question (``visited`` holds every program of the tree, the root included).
     """
     lo, hi = bounds
-    sizes = range(1, (config.max_block if is_root else 1) + 1)
+    max_size = config.max_block if is_root else 1
+    max_uses = config.max_uses_per_layer
     n = len(program)
     kept: list[Program] = []
-
-    def keep(child: Program) -> None:
-        if child and lo <= len(child) <= hi and child not in visited and _within_uses(child, config):
-            visited.add(child)
-            kept.append(child)
-
+    # The use-count test is done incrementally (checking every child in full dominated a search
+    # round's host time): a skip only lowers counts, so it passes whenever the parent does; a
+    # repeat adds the block's layers once more, so only those are checked. Lengths are checked
+    # before a child is built. The order of the tests does not matter: all are pure.
+    uses: dict[int, int] = {}
+    for layer in program:
+        uses[layer] = uses.get(layer, 0) + 1
+    parent_ok = max(uses.values(), default=0) <= max_uses
     for i in range(n):
-        for size in sizes:
-            if i + size <= n:
-                keep(program[:i] + program[i + size :])
-        for size in sizes:
-            if i + size <= n:
-                keep(program[: i + size] + program[i : i + size] + program[i + size :])
+        for size in range(1, min(max_size, n - i) + 1):
+            if 0 < n - size and lo <= n - size <= hi:
+                child = program[:i] + program[i + size :]
+                if child not in visited and (parent_ok or _within_uses(child, config)):
+                    visited.add(child)
+                    kept.append(child)
+        if not parent_ok:
+            continue  # a repeat only raises counts: no repeat of an over-used parent passes
+        for size in range(1, min(max_size, n - i) + 1):
+            if lo <= n + size <= hi:
+                block = program[i : i + size]
+                if size == 1:
+                    fits = uses[block[0]] < max_uses
+                else:
+                    fits = all(uses[layer] + block.count(layer) <= max_uses for layer in block)
+                if fits:
+                    child = program[: i + size] + block + program[i + size :]
+                    if child not in visited:
+                        visited.add(child)
+                        kept.append(child)
     return kept
 
 
@@ -129,7 +147,7 @@ def release_question_search(
             for child in release_children(node.program, node is root, visited, bounds, config):
                 node.children.append(ReleaseNode(child, parent=node))
             if node.children:
-                node = rng.choice(sorted(node.children, key=lambda c: c.program))
+                node = rng.choice(sorted(node.children, key=_PROGRAM))
             else:
                 node.fully_explored = True
         if node.reward is None:
@@ -140,8 +158,13 @@ def release_question_search(
             idle += 1  # nothing evaluated: the stale ``score`` is backpropagated, as in the release
         _backpropagate(node, score, root, num_layers, config)
 
-    return SearchResult(rewards, initial, simulations=config.num_simulations, free_steps=idle,
-                        ranked=release_ranking(root))
+    ranked = release_ranking(root)
+    free_tree(root)
+    return SearchResult(rewards, initial, simulations=config.num_simulations, free_steps=idle, ranked=ranked)
+
+
+_UCB = attrgetter("ucb")
+_PROGRAM = attrgetter("program")
 
 
 def _select(root: ReleaseNode, rng: random.Random, config: SearchConfig) -> ReleaseNode:
@@ -153,7 +176,7 @@ def _select(root: ReleaseNode, rng: random.Random, config: SearchConfig) -> Rele
         if rng.random() < config.epsilon:
             node = rng.choice(open_children)
         else:
-            node = max(open_children, key=lambda c: c.ucb)  # max() keeps the first of equals
+            node = max(open_children, key=_UCB)  # max() keeps the first of equals
     return node
 
 

@@ -399,3 +399,61 @@ def test_cli_tree_policy_flag_is_recorded_and_guarded(tiny_model_dir, tmp_path, 
     merged = json.loads((tmp_path / "w" / "tiny-llama" / "dart-math-diff-1" / "merged_mcts_samples.json").read_text())
     assert merged["metadata"]["settings"]["search"]["tree_policy"] == "widening"
     assert merged["metadata"]["settings"]["search"]["widening"] is None
+
+
+# --------------------------------------------------------------------------- host cost of the tree policy
+
+
+def _children_by_full_check(program, is_root, visited, bounds, config):
+    """Candidates in the release's order, every one checked in full (what the incremental use
+    counts of ``release_children`` must reproduce)."""
+    lo, hi = bounds
+    sizes = range(1, (config.max_block if is_root else 1) + 1)
+    kept = []
+    for i in range(len(program)):
+        candidates = [program[:i] + program[i + s:] for s in sizes if i + s <= len(program)]
+        candidates += [program[:i + s] + program[i:i + s] + program[i + s:] for s in sizes if i + s <= len(program)]
+        for child in candidates:
+            fits = not child or max(Counter(child).values()) <= config.max_uses_per_layer
+            if child and lo <= len(child) <= hi and child not in visited and fits:
+                visited.add(child)
+                kept.append(child)
+    return kept
+
+
+def test_incremental_use_counts_keep_exactly_the_fully_checked_children():
+    rng = random.Random()
+    for _ in range(300):
+        depth = rng.randrange(1, 12)
+        program = list(range(depth))
+        for _ in range(rng.randrange(0, 4)):  # repeats, possibly beyond the use limit
+            i = rng.randrange(len(program))
+            program.insert(i, program[i])
+        program = tuple(program)
+        config = SearchConfig(max_uses_per_layer=rng.choice([1, 2, 3]), max_block=rng.choice([1, 2, 4]))
+        lo = rng.randrange(0, len(program) + 1)
+        bounds = (lo, lo + rng.randrange(0, 8))
+        visited = {program} | {tuple(rng.sample(program, rng.randrange(len(program) + 1))) for _ in range(5)}
+        is_root = rng.random() < 0.5
+        expected = _children_by_full_check(program, is_root, set(visited), bounds, config)
+        assert release_children(program, is_root, set(visited), bounds, config) == expected, (program, config, bounds)
+
+
+def test_search_pauses_automatic_collection_only_while_it_runs():
+    import gc
+
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            seen = []
+
+            class Probe(HashScorer):
+                def score(self, qs, programs):
+                    seen.append(gc.isenabled())
+                    return super().score(qs, programs)
+
+            search_many(questions(3), Probe(), 6, SearchConfig(num_simulations=4))
+            assert seen and not any(seen), "collection is paused inside the search"
+            assert gc.isenabled() == enabled, "and restored afterwards"
+        finally:
+            gc.enable()
