@@ -8,7 +8,8 @@ decode attention was the largest item of a round's device time. This kernel read
 ``start[b] .. column`` of row ``b`` only (nothing for rows whose ``start`` is past ``column``),
 handles grouped-query attention by loading each KV head once for its group of query heads, and
 splits long rows across programs when the batch alone cannot fill the device (flash-decoding:
-partial softmax statistics per split, then one combine kernel).
+partial softmax statistics per split, then one combine kernel; with one split, the common case in
+a large batch, the kernel normalises and writes the output itself and no combine runs).
 
 It is registered as the operator ``polar::decode_attention`` so that ``torch.compile`` keeps it
 as one opaque call inside the compiled layer, and CUDA graphs capture it like any kernel.
@@ -60,7 +61,7 @@ def _kernels():
         q_ptr, k_ptr, v_ptr, start_ptr, column_ptr, acc_ptr, stat_ptr, scale,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, splits,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, DIRECT: tl.constexpr, out_ptr=None,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -94,11 +95,16 @@ def _kernels():
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
-        row = (b * tl.num_programs(1) * GROUP + head) * splits + split  # [GROUP_PAD]
         keep = g < GROUP
-        tl.store(acc_ptr + row[:, None] * DIM + d[None, :], acc, mask=keep[:, None])
-        tl.store(stat_ptr + row * 2, m_i, mask=keep)
-        tl.store(stat_ptr + row * 2 + 1, l_i, mask=keep)
+        if DIRECT:  # one split: this program saw every column, so it writes the output itself
+            out = acc / tl.maximum(l_i, 1.0e-30)[:, None]
+            rows = b * tl.num_programs(1) * GROUP + head
+            tl.store(out_ptr + rows[:, None] * DIM + d[None, :], out.to(out_ptr.dtype.element_ty), mask=keep[:, None])
+        else:
+            row = (b * tl.num_programs(1) * GROUP + head) * splits + split  # [GROUP_PAD]
+            tl.store(acc_ptr + row[:, None] * DIM + d[None, :], acc, mask=keep[:, None])
+            tl.store(stat_ptr + row * 2, m_i, mask=keep)
+            tl.store(stat_ptr + row * 2 + 1, l_i, mask=keep)
 
     @triton.jit(do_not_specialize=["splits"])
     def combine_kernel(acc_ptr, stat_ptr, out_ptr, splits, SPLITS_PAD: tl.constexpr, DIM: tl.constexpr):
@@ -140,9 +146,11 @@ def decode_attention_triton(
     group = heads // kv_heads
     splits = splits_for(batch, kv_heads, total)
     q = q.contiguous()
-    acc = torch.empty(batch * heads * splits, dim, device=q.device, dtype=torch.float32)
-    stats = torch.empty(batch * heads * splits, 2, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
+    direct = splits == 1  # large batches: no partial results, no combine kernel
+    # (with one split the partial buffers are never touched: a one-element placeholder each)
+    acc = torch.empty(1 if direct else batch * heads * splits, dim, device=q.device, dtype=torch.float32)
+    stats = torch.empty(1 if direct else batch * heads * splits, 2, device=q.device, dtype=torch.float32)
     group_pad = max(16, 1 << (group - 1).bit_length())
     partial_kernel[(batch, kv_heads, splits)](
         q, keys, values, start, column, acc, stats, scale,
@@ -150,8 +158,10 @@ def decode_attention_triton(
         values.stride(0), values.stride(1), values.stride(2), splits,
         GROUP=group, GROUP_PAD=group_pad, DIM=dim, BLOCK=BLOCK_N,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact; bf16 ignores it
+        DIRECT=direct, out_ptr=out,
     )
-    combine_kernel[(batch * heads,)](acc, stats, out, splits, SPLITS_PAD=MAX_SPLITS, DIM=dim)
+    if not direct:
+        combine_kernel[(batch * heads,)](acc, stats, out, splits, SPLITS_PAD=MAX_SPLITS, DIM=dim)
     return out
 
 
