@@ -95,6 +95,19 @@ def per_step_ms(run: Callable[[int], Any], lo: int, hi: int, reps: int) -> float
     return statistics.median(samples)
 
 
+def profile_decode(run: Callable[[int], Any], path: Path) -> None:
+    """Where one batch-1 decode's time goes: 33 tokens minus the prefill, kernels by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run(33)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run(33)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    path.write_text(table)
+    print(table[:6000], flush=True)
+
+
 def mcts_programs(depth: int, count: int, seed: int) -> list[list[int]]:
     """Distinct programs a few edits from full depth: skips and repeats of 1-4 layer blocks."""
     rng = random.Random(seed)
@@ -163,7 +176,16 @@ def bench_model(name: str, args: argparse.Namespace, log: Callable[[str], None])
     r["first_call_s"] = timed(lambda: ours(fast, full)(2))  # includes compiling for bucket 1
     log(f"first call (compile, capture): {r['first_call_s']:.1f} s; fused={r['fused']} compiled={r['compiled']}")
     r["fast_ms"] = per_step_ms(ours(fast, full), 1, 65, 3)
-    log(f"fast path full depth: {r['fast_ms']:.3f} ms/step")
+    r["row_gemv"] = fast.fast_path.row_gemv
+    log(f"fast path full depth: {r['fast_ms']:.3f} ms/step (one-row Triton projections: {r['row_gemv']})")
+    if args.profile:
+        profile_decode(ours(fast, full), Path(f"{args.profile}-{name}.txt"))
+    if args.compare_gemv and r["row_gemv"]:
+        other = ProgramRunner(model, max_batch_size=args.programs)
+        other.fast_path = CudaGraphDecoder(other, row_gemv=False)
+        r["fast_ms_cublas"] = per_step_ms(ours(other, full), 1, 65, 3)
+        log(f"same, projections through cuBLAS: {r['fast_ms_cublas']:.3f} ms/step")
+        del other
     n_short = round(depth * args.short_layers / 28)  # same fraction of depth on every model
     cut = depth - n_short
     short = full[: depth - 2 - cut] + full[depth - 2:]  # skip a block near the top, as search does
@@ -260,6 +282,9 @@ def main() -> None:
                         help="also time the fast path without torch.compile and fused projections (batch 1)")
     parser.add_argument("--warm_batches", type=int, default=3,
                         help="batches of other programs run before the timed one (steady state of a search)")
+    parser.add_argument("--profile", default=None, help="profile batch-1 decode; tables go to PROFILE-<model>.txt")
+    parser.add_argument("--compare-gemv", action="store_true",
+                        help="also time batch 1 with the projections through cuBLAS instead of polar.gemv")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA device"

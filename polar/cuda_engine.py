@@ -34,8 +34,11 @@ replay all steps of a token as one graph instead.
 (q/k/v and gate/up as one matmul each, weights re-pointed at slices of one matrix, checked against
 the HF layer once), and the layer and head bodies are wrapped in ``torch.compile`` before capture,
 so the graph holds a few fused kernels instead of ~40 small ones; the row count and KV capacity
-are dynamic dimensions, so one compiled graph serves every bucket above one row. Stop tokens are
-read one token behind, so the host never stalls the GPU.
+are dynamic dimensions, so one compiled graph serves every bucket above one row. Batch 1, the
+latency case, gets its own graph in which q/k/v (with norm, rotary and KV writes), o_proj and down
+(with SiLU·up and residuals) are one-row Triton kernels (:mod:`polar.gemv`; option ``row_gemv``)
+and the argmax runs in two stages. Stop tokens are read one token behind, so the host never stalls
+the GPU.
 
 **Prefill** is compute-bound, so it runs eagerly through :func:`polar.prefill.prefill` (length
 groups, full-depth prefixes from the runner's prompt cache) with a sink that writes into the slots.
@@ -224,44 +227,74 @@ def _fused_layer(
     layer: torch.nn.Module, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None, gate_up_weight: torch.Tensor,
     gate_up_bias: torch.Tensor | None, split: tuple[int, int, int], h: torch.Tensor, mask: torch.Tensor,
     pe: tuple[torch.Tensor, torch.Tensor], column: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-    start: torch.Tensor | None = None,
+    start: torch.Tensor | None = None, one_row: bool = False,
 ) -> torch.Tensor:
     """One decode step of a Llama-family layer with fused projections, writing k/v at ``column``
     of the slot buffers. Checked against the HF layer in the tests and once per decoder.
 
     Attention: with ``start`` (each row's first valid column), the Triton kernel of
     :mod:`polar.decode_attention` reads only columns ``start .. column``; otherwise masked SDPA
-    over the whole buffer. The fused weights come as plain tensors (not a dataclass), so that
-    torch.compile treats them as graph inputs and every layer shares one compiled graph."""
+    over the whole buffer. ``one_row`` (batch 1, Triton): q/k/v, o_proj and down run as
+    :mod:`polar.gemv` kernels with the norm, rotary and KV writes (q/k/v; not with per-head q/k
+    norms), SiLU·up and residual adds fused in. The fused
+    weights come as plain tensors (not a dataclass), so that torch.compile treats them as graph
+    inputs and every layer shares one compiled graph."""
     attn, mlp = layer.self_attn, layer.mlp
     b, d = h.shape[0], keys.shape[-1]
-    x = layer.input_layernorm(h)
-    qkv = F.linear(x, qkv_weight, qkv_bias)
-    q, k, v = qkv.split(split, dim=-1)
-    q, k, v = q.view(b, 1, -1, d), k.view(b, 1, -1, d), v.view(b, 1, -1, d)
-    if hasattr(attn, "q_norm"):
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    cos, sin = pe[0][:, None], pe[1][:, None]
-    q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
-    keys.index_copy_(2, column, k.to(keys.dtype))
-    values.index_copy_(2, column, v.transpose(1, 2).to(values.dtype))
+    norm = layer.input_layernorm
+    if one_row and not hasattr(attn, "q_norm"):  # norm, q/k/v, rotary and the KV writes: one kernel
+        q = torch.ops.polar.qkv_rope(h.reshape(-1), norm.weight, norm.variance_epsilon, qkv_weight, qkv_bias,
+                                     pe[0].reshape(-1), pe[1].reshape(-1), column, keys, values)
+        q = q.view(1, -1, 1, d)
+    else:
+        if one_row:
+            qkv = torch.ops.polar.gemv(h.reshape(-1), qkv_weight, qkv_bias, None, "rmsnorm", norm.weight, norm.variance_epsilon)
+            qkv = qkv.view(1, 1, -1)
+        else:
+            qkv = F.linear(norm(h), qkv_weight, qkv_bias)
+        q, k, v = qkv.split(split, dim=-1)
+        q, k, v = q.view(b, 1, -1, d), k.view(b, 1, -1, d), v.view(b, 1, -1, d)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = pe[0][:, None], pe[1][:, None]
+        q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
+        keys.index_copy_(2, column, k.to(keys.dtype))
+        values.index_copy_(2, column, v.transpose(1, 2).to(values.dtype))
     scaling = getattr(attn, "scaling", d ** -0.5)
     if start is not None:
         out = torch.ops.polar.decode_attention(q[:, :, 0], keys, values, start, column, float(scaling))[:, None]
     else:
         out, _ = _static_kv_attention(attn, q, keys, values, mask, scaling=scaling)
+    if one_row:  # gate/up stays on cuBLAS: faster there for its 100 MB matrix (bench/gemv.py)
+        gemv, o_proj, down = torch.ops.polar.gemv, attn.o_proj, mlp.down_proj
+        h = gemv(out.reshape(-1), o_proj.weight, o_proj.bias, h.reshape(-1), "none", None, 0.0)
+        gate_up = F.linear(layer.post_attention_layernorm(h), gate_up_weight, gate_up_bias)
+        return gemv(gate_up, down.weight, down.bias, h, "silu_mul", None, 0.0).view(1, 1, -1)
     h = h + attn.o_proj(out.reshape(b, 1, -1))
     x = layer.post_attention_layernorm(h)
     gate, up = F.linear(x, gate_up_weight, gate_up_bias).chunk(2, dim=-1)
     return h + mlp.down_proj(mlp.act_fn(gate) * up)
 
 
+def _row_argmax(logits: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """``logits.argmax(-1)`` for one row, in two stages (the best of each block of ``block``
+    columns, then the best block), so the reduction spreads over many programs instead of one
+    (measured: ~30 µs per token for a 128k vocabulary in one program). First index of the
+    maximum, as ``argmax``: each stage keeps the first of equals, and blocks are in order."""
+    vocab = logits.shape[-1]
+    padded = F.pad(logits.float(), (0, -vocab % block), value=float("-inf")).view(-1, block)
+    best, index = padded.max(-1)
+    chunk = best.argmax().view(1)
+    return chunk * block + index.gather(0, chunk)  # gather, not index[chunk]: no host sync in a graph
+
+
 def _head_math(
-    norm: torch.nn.Module, lm_head: torch.nn.Module, embed: torch.nn.Module, h: torch.Tensor,
+    norm: torch.nn.Module, lm_head: torch.nn.Module, embed: torch.nn.Module, h: torch.Tensor, one_row: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Final norm, LM head, greedy token and its embedding (a function, so it can be compiled)."""
+    """Final norm, LM head, greedy token and its embedding (a function, so it can be compiled).
+    ``one_row``: the argmax in two stages (:func:`_row_argmax`)."""
     logits = lm_head(norm(h))[:, -1]
-    tokens = logits.argmax(-1)
+    tokens = _row_argmax(logits) if one_row else logits.argmax(-1)
     return logits, tokens, embed(tokens)[:, None]
 
 
@@ -363,13 +396,14 @@ class CudaGraphDecoder:
     Options (all on by default with graphs; each can be switched off without changing results):
     ``compile_layers`` (torch.compile of the layer and head bodies), ``fuse`` (fused projections),
     ``token_graphs`` (one graph per decode token for batches of at most ``token_graph_rows`` rows,
-    so small batches pay one launch per token instead of one per step).
+    so small batches pay one launch per token instead of one per step), ``triton_attention``,
+    ``row_gemv`` (batch-1 projections as :mod:`polar.gemv` kernels).
     """
 
     def __init__(
         self, runner: "ProgramRunner", use_graphs: bool | None = None, max_workspaces: int = 4,
         compile_layers: bool | None = None, fuse: bool | None = None, token_graphs: bool | None = None,
-        token_graph_rows: int = 8, triton_attention: bool | None = None,
+        token_graph_rows: int = 8, triton_attention: bool | None = None, row_gemv: bool | None = None,
     ):
         _register_attention()
         self.runner = runner
@@ -415,6 +449,11 @@ class CudaGraphDecoder:
         self.triton_attention = False
         if self._fused is not None and runner.device.type == "cuda" and triton_attention is not False:
             self.triton_attention = self._check_triton_attention()
+        # Batch 1 (the latency case): projections as one-row Triton kernels with the norms,
+        # SiLU·up and residuals fused in (polar.gemv), checked against the HF layer once.
+        self.row_gemv = False
+        if self.triton_attention and row_gemv is not False:
+            self.row_gemv = self._check_row_gemv()
         if self.use_graphs:
             self._pool = torch.cuda.graph_pool_handle()
             self._stream = torch.cuda.Stream(device=runner.device)
@@ -442,7 +481,8 @@ class CudaGraphDecoder:
         return fused  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def check_fused_layer(self, runner: "ProgramRunner", weights: _FusedWeights, rows: int = 3, tcap: int = 8) -> bool:
+    def check_fused_layer(self, runner: "ProgramRunner", weights: _FusedWeights, rows: int = 3, tcap: int = 8,
+                          one_row: bool = False) -> bool:
         """Layer 0 through :func:`_fused_layer` vs the HF layer (static-KV attention) on random
         inputs: same output within bf16 rounding, and same k/v written."""
         device, dtype = runner.device, runner.dtype
@@ -459,13 +499,39 @@ class CudaGraphDecoder:
         layer = runner._layers[0]
         with self._decode_attention():
             ref = _call_layer(layer, h, mask, positions, pe, {runner._cache_kwarg: _SlotWriter(column, ref_kv[0], ref_kv[1])})
-        ours = _fused_layer(layer, *weights.args(), h, mask, pe, column, our_kv[0], our_kv[1])
+        ours = _fused_layer(layer, *weights.args(), h, mask, pe, column, our_kv[0], our_kv[1], one_row=one_row)
         tol = 1e-4 if dtype == torch.float32 else 3e-2
         scale = float(ref.float().abs().max()) + 1e-6
         return bool(
             float((ours - ref).float().abs().max()) <= tol * scale
             and float((our_kv - ref_kv).float().abs().max()) <= tol * (float(ref_kv.float().abs().max()) + 1e-6)
         )
+
+    def _check_row_gemv(self) -> bool:
+        """Whether the one-row kernels apply (an RMSNorm with ``variance_epsilon`` before q/k/v, a
+        SiLU MLP, the Triton operator) and the one-row layer and head agree with the HF modules."""
+        from polar import gemv as gv
+
+        runner = self.runner
+        layer, backbone = runner._layers[0], runner._backbone
+        norm = layer.input_layernorm
+        if gv.operator() is None or getattr(runner.config, "hidden_act", None) != "silu":
+            return False
+        if not (hasattr(norm, "variance_epsilon") and hasattr(norm, "weight")):
+            return False
+        try:
+            if not self.check_fused_layer(runner, self._fused[0], rows=1, one_row=True):
+                return False
+            with torch.inference_mode():
+                h = torch.randn(1, 1, backbone.embed_tokens.weight.shape[1], device=runner.device).to(runner.dtype)
+                parts = backbone.norm, runner.model.lm_head, backbone.embed_tokens, h
+                logits, token, _ = _head_math(*parts, one_row=True)
+                return bool((token == logits.argmax(-1)).all())
+        except Exception as err:  # no usable Triton here: cuBLAS it is
+            import sys
+
+            print(f"polar: one-row Triton projections unavailable ({type(err).__name__}); using cuBLAS", file=sys.stderr)
+            return False
 
     @staticmethod
     def supports(runner: "ProgramRunner") -> bool:
@@ -793,7 +859,7 @@ class CudaGraphDecoder:
             if self.compiled:
                 _dynamic_rows(h, m, pe[0], pe[1], slot.keys, slot.values, start)
             out = self._fused_layer(layer, *self._fused[slot.layer].args(), h, m, pe, ws.column, slot.keys, slot.values,
-                                    start if self.triton_attention else None)
+                                    start if self.triton_attention else None, self.row_gemv and slot.bucket == 1)
         else:
             cache = _SlotWriter(ws.column, slot.keys, slot.values)
             out = self._call_layer(layer, h, m, pos, pe, {runner._cache_kwarg: cache})
@@ -809,7 +875,8 @@ class CudaGraphDecoder:
         h = ws.hidden[: head.bucket] if head.dense else ws.hidden.index_select(0, head.rows)
         if self.compiled:
             _dynamic_rows(h)
-        logits, tokens, embedded = self._head_math(backbone.norm, runner.model.lm_head, backbone.embed_tokens, h)
+        logits, tokens, embedded = self._head_math(backbone.norm, runner.model.lm_head, backbone.embed_tokens, h,
+                                                   self.row_gemv and head.bucket == 1)
         head.logits.copy_(logits)
         head.tokens.copy_(tokens)
         if head.dense:

@@ -41,6 +41,20 @@ def test_static_slots_generate_like_the_generic_path(arch):
     assert fast.generate_chunk(prompts, programs, 12, set()) == expected
 
 
+def test_one_row_argmax_is_the_first_maximum():
+    """The two-stage argmax of batch 1 equals torch's: any vocabulary size, ties to the first."""
+    from polar.cuda_engine import _row_argmax
+
+    rng = random.Random()
+    for vocab in (1, 1023, 1024, 1025, rng.randrange(2, 200_000)):
+        logits = torch.randn(1, vocab)
+        assert int(_row_argmax(logits)) == int(logits.argmax(-1))
+        top = float(logits.max())
+        tied = sorted(rng.sample(range(vocab), min(vocab, 3)))
+        logits[0, tied] = top + 1  # equal maxima in different blocks: the first one wins
+        assert int(_row_argmax(logits)) == tied[0] == int(logits.argmax(-1))
+
+
 def test_early_exit_moves_rows_to_smaller_slots_without_changing_the_others():
     rng = random.Random(4)
     runner = ProgramRunner(tiny_model("llama", seed=11))
@@ -231,8 +245,8 @@ print("ok")
 """
 
 
-def test_decode_attention_kernel_equals_its_reference_in_the_interpreter():
-    """Triton's CPU interpreter runs the kernel itself (skipped where Triton is not installed)."""
+def _run_in_triton_interpreter(script: str) -> None:
+    """Run ``script`` with Triton's CPU interpreter (kernels execute as Python); it prints "ok"."""
     import os
     import subprocess
     import sys
@@ -240,19 +254,134 @@ def test_decode_attention_kernel_equals_its_reference_in_the_interpreter():
 
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
-    done = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_decode_attention_kernel_equals_its_reference_in_the_interpreter():
+    """Triton's CPU interpreter runs the kernel itself (skipped where Triton is not installed)."""
+    _run_in_triton_interpreter(_INTERPRETER_CHECK)
 
 
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_kernel_equals_its_reference_on_the_gpu(dtype):
+@pytest.mark.parametrize("one_split", [False, True], ids=["split", "direct"])
+def test_decode_attention_kernel_equals_its_reference_on_the_gpu(dtype, one_split, monkeypatch):
     from polar import decode_attention as da
 
     assert da.operator() is not None
+    if one_split:  # what large batches get: the kernel writes the output itself, no combine
+        monkeypatch.setattr(da, "splits_for", lambda *args: 1)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for q, keys, values, start, column in _attention_cases("cuda", dtype):
         ours = torch.ops.polar.decode_attention(q, keys, values, start, column, 0.125)
         reference = da.decode_attention_reference(q, keys, values, start, column, 0.125)
         torch.testing.assert_close(ours.float(), reference.float(), rtol=tol, atol=tol)
+
+
+# --------------------------------------------------------------------------- one-row projections
+
+
+def _gemv_cases(device: str, dtype: torch.dtype):
+    """Fresh random shapes (rows and columns not multiples of the tile), every prologue, with and
+    without bias and residual."""
+    from polar import gemv as gv
+
+    rng = random.Random()
+    for _ in range(3):
+        n, k = rng.randrange(3, 300), rng.randrange(17, 1100)
+        for prologue in gv.PROLOGUES:
+            x = torch.randn(2 * k if prologue == "silu_mul" else k).to(device, dtype)
+            weight = (torch.randn(n, k) / k**0.5).to(device, dtype)
+            norm = (1 + 0.1 * torch.randn(k)).to(device, dtype)
+            extra = torch.randn(2, n).to(device, dtype)
+            for bias, residual in [(None, None), (extra[0], extra[1])]:
+                yield x, weight, bias, residual, prologue, norm
+
+
+def _qkv_rope_cases(device: str, dtype: torch.dtype):
+    """Fresh random q/k/v projections (grouped and plain heads, with and without bias), rotary
+    angles of a random position, KV buffers with random contents and a random current column."""
+    rng = random.Random()
+    for dim, heads, kv_heads in [(16, 4, 2), (32, 3, 1), (128, 2, 2)]:
+        k = rng.randrange(17, 400)
+        rows = (heads + 2 * kv_heads) * dim
+        x = torch.randn(k).to(device, dtype)
+        weight = (torch.randn(rows, k) / k**0.5).to(device, dtype)
+        norm = (1 + 0.1 * torch.randn(k)).to(device, dtype)
+        angles = torch.rand(dim // 2) * rng.randrange(1, 500)
+        cos, sin = (f(torch.cat([angles, angles])).to(device, dtype) for f in (torch.cos, torch.sin))
+        tcap = rng.randrange(2, 40)
+        column = torch.tensor([rng.randrange(tcap)], device=device)
+        for bias in (None, torch.randn(rows).to(device, dtype)):
+            kv = torch.randn(2, 1, kv_heads, tcap, dim).to(device, dtype)
+            yield x, norm, weight, bias, cos, sin, column, kv
+
+
+_GEMV_INTERPRETER_CHECK = _INTERPRETER_CHECK.split("from polar import")[0] + """
+from polar import gemv as gv
+from test_gpu import _gemv_cases, _qkv_rope_cases
+for x, weight, bias, residual, prologue, norm in _gemv_cases("cpu", torch.float32):
+    ours = gv.gemv_triton(x, weight, bias, residual, prologue, norm, 1e-5, block_n=4, block_k=128)
+    reference = gv.gemv_reference(x, weight, bias, residual, prologue, norm, 1e-5)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+for x, norm, weight, bias, cos, sin, column, kv in _qkv_rope_cases("cpu", torch.float32):
+    ours_kv, reference_kv = kv.clone(), kv.clone()
+    ours = gv.qkv_rope_triton(x, norm, 1e-5, weight, bias, cos, sin, column, *ours_kv, block_k=64)
+    reference = gv.qkv_rope_reference(x, norm, 1e-5, weight, bias, cos, sin, column, *reference_kv)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_kv, reference_kv, rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+def test_one_row_projection_kernels_equal_their_references_in_the_interpreter():
+    """Triton's CPU interpreter runs both kernels (fp32; skipped where Triton is not installed)."""
+    _run_in_triton_interpreter(_GEMV_INTERPRETER_CHECK)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_projection_kernel_equals_its_reference_on_the_gpu(dtype):
+    from polar import gemv as gv
+
+    assert gv.operator() is not None
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for x, weight, bias, residual, prologue, norm in _gemv_cases("cuda", dtype):
+        ours = torch.ops.polar.gemv(x, weight, bias, residual, prologue, norm, 1e-5)
+        reference = gv.gemv_reference(x, weight, bias, residual, prologue, norm, 1e-5)
+        torch.testing.assert_close(ours.float(), reference.float(), rtol=tol, atol=tol * float(reference.abs().max()))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qkv_rotary_kernel_equals_its_reference_on_the_gpu(dtype):
+    from polar import gemv as gv
+
+    assert gv.operator() is not None
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for x, norm, weight, bias, cos, sin, column, kv in _qkv_rope_cases("cuda", dtype):
+        ours_kv, reference_kv = kv.clone(), kv.clone()
+        ours = torch.ops.polar.qkv_rope(x, norm, 1e-5, weight, bias, cos, sin, column, *ours_kv)
+        reference = gv.qkv_rope_reference(x, norm, 1e-5, weight, bias, cos, sin, column, *reference_kv)
+        scale = float(reference.abs().max())
+        torch.testing.assert_close(ours.float(), reference.float(), rtol=tol, atol=tol * scale)
+        torch.testing.assert_close(ours_kv.float(), reference_kv.float(), rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_batch_one_with_one_row_kernels_gives_the_generic_tokens(arch):
+    """Batch 1 runs the polar.gemv layer and head; in fp32 its tokens are the generic path's."""
+    rng = random.Random()
+    runner = _cuda_runner(arch, torch.float32, rng.randrange(1000))
+    assert runner.fast_path.row_gemv, "the one-row kernels should apply to this architecture"
+    for _ in range(3):
+        prompts, _ = _batch(rng, 1)
+        programs = [random_program(rng)]
+        expected = _generic(runner, prompts, programs, 16, set())
+        assert runner._generate_chunk(prompts, programs, 16, set()) == expected

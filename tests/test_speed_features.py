@@ -302,8 +302,9 @@ def test_a_chunk_that_runs_out_of_memory_is_run_in_halves(capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_search_on_the_gpu_writes_the_same_supervision_with_and_without_each_feature(monkeypatch):
-    """fp32 on CUDA: graphs, compile, fused projections, Triton attention, one graph per token
-    and the prompt cache, each switched off in turn, give the same search labels."""
+    """fp32 on CUDA: graphs, compile, fused projections, Triton attention, the one-row kernels of
+    batch 1, one graph per token and the prompt cache, each switched off in turn, give the same
+    search labels."""
     import polar.scoring
 
     monkeypatch.setattr(polar.scoring, "judge_texts", _hash_verdicts)
@@ -313,6 +314,7 @@ def test_search_on_the_gpu_writes_the_same_supervision_with_and_without_each_fea
     variants = {
         "all on": {},
         "no triton attention": {"triton_attention": False},
+        "no one-row kernels": {"row_gemv": False},
         "no compile, no fusion": {"compile_layers": False, "fuse": False},
         "no token graphs": {"token_graphs": False},
         "no graphs": {"use_graphs": False},
