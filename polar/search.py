@@ -383,44 +383,54 @@ def search_many(
     every round in which questions finished (the CLI saves progress there); ``on_round(finished,
     programs)`` reports progress counts.
     """
-    with _collection_paused():
+    with _collection_paused() as collections:
         return _search_many(questions, scorer, num_layers, config, model_name, max_active, on_finished, on_round,
-                            deadline)
-
-
-#: Rounds between the cyclic collections a search runs itself (see :func:`_collection_paused`).
-COLLECTION_ROUNDS = 32
+                            deadline, collections)
 
 
 @contextmanager
-def _collection_paused() -> Iterator[None]:
+def _collection_paused() -> Iterator["_SparseCollections"]:
     """Pause Python's automatic cyclic collector during a search; the driver runs a full
-    collection every :data:`COLLECTION_ROUNDS` rounds instead (:func:`_collect_after_round`).
+    collection only now and then instead (:class:`_SparseCollections`).
 
     Why: a search keeps ~1,000 trees of ~1,000 nodes each alive, and automatic collection rescans
     them ever more often as they grow: measured, 60% of the tree policy's host time (1024
     questions x 16 simulations on D = 28: 5.1 s with automatic collection, 2.1 s without), all of
     it while the device idles between rounds. Finished trees are freed by reference counting
-    (:func:`free_tree` breaks their cycles), so the periodic collections only bound cyclic
-    garbage from elsewhere (the scorer, the model's code); the setting is restored on exit."""
+    (:func:`free_tree` breaks their cycles), so the sparse collections only bound cyclic garbage
+    from elsewhere (the scorer, the model's code); the setting is restored on exit."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        yield
+        yield _SparseCollections()
     finally:
         if enabled:
             gc.enable()
 
 
-def _collect_after_round(rounds: int) -> None:
-    if rounds % COLLECTION_ROUNDS == 0:
+class _SparseCollections:
+    """Full collections at most every ``min_interval`` seconds and at most ``max_share`` of the
+    wall time (a full collection over a million live tree nodes takes ~1 s on a slow core, so a
+    fixed number of rounds between them would cost more than automatic collection did)."""
+
+    def __init__(self, min_interval: float = 120.0, max_share: float = 0.02) -> None:
+        self.min_interval, self.max_share = min_interval, max_share
+        self.last = time.perf_counter()
+        self.duration = 0.0
+
+    def after_round(self) -> None:
+        if time.perf_counter() - self.last < max(self.min_interval, self.duration / self.max_share):
+            return
+        started = time.perf_counter()
         gc.collect()
+        self.last = time.perf_counter()
+        self.duration = self.last - started
 
 
 def _search_many(
     questions: Sequence[Any], scorer: Scorer, num_layers: int, config: SearchConfig, model_name: str | None,
     max_active: int | None, on_finished: Callable[[list[dict[str, Any]]], None] | None,
-    on_round: Callable[[int, int], None] | None, deadline: float | None,
+    on_round: Callable[[int, int], None] | None, deadline: float | None, collections: _SparseCollections,
 ) -> list[dict[str, Any]]:
     bounds = length_bounds(model_name, num_layers, config)
     limit = len(questions) if max_active is None else max(1, max_active)
@@ -439,9 +449,7 @@ def _search_many(
 
     while len(active) < limit and start_next():
         pass
-    rounds = 0
     while active:
-        rounds += 1
         indices = list(active)
         outcomes = scorer.score([questions[i] for i in indices], [active[i][1] for i in indices])
         finished: list[dict[str, Any]] = []
@@ -460,7 +468,7 @@ def _search_many(
             on_round(len(finished), len(indices))
         if finished and on_finished is not None:
             on_finished(finished)
-        _collect_after_round(rounds)
+        collections.after_round()
     return [r for r in results if r is not None]
 
 

@@ -457,3 +457,30 @@ def test_search_pauses_automatic_collection_only_while_it_runs():
             assert gc.isenabled() == enabled, "and restored afterwards"
         finally:
             gc.enable()
+
+
+def test_sparse_collections_bound_the_time_spent_collecting(monkeypatch):
+    import gc
+
+    from polar import search
+
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append(1))
+    clock = [0.0]
+    monkeypatch.setattr(search.time, "perf_counter", lambda: clock[0])
+    sparse = search._SparseCollections(min_interval=10.0, max_share=0.5)
+    for t in (1.0, 9.0):
+        clock[0] = t
+        sparse.after_round()
+    assert not calls, "no collection before min_interval"
+    clock[0] = 10.0
+    sparse.after_round()
+    assert len(calls) == 1
+    sparse.duration = 8.0  # a slow collection: the next waits duration / max_share = 16 s
+    for t in (21.0, 25.0):
+        clock[0] = t
+        sparse.after_round()
+    assert len(calls) == 1
+    clock[0] = 26.0
+    sparse.after_round()
+    assert len(calls) == 2
