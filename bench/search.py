@@ -185,7 +185,7 @@ def release_way(runner, scorer, pairs, max_new_tokens: int) -> tuple[float, list
     started = time.perf_counter()
     try:
         for question, program, _ in pairs:
-            prompt, _ = scorer._prompt(question)
+            prompt = scorer.prompt_text(question)
             # the exact token ids our engine feeds, so both ways see the same input
             input_ids = torch.tensor([runner.encode([prompt])[0]], device=runner.device)
             ids = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
