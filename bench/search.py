@@ -120,10 +120,9 @@ def round_limit(runner, scorer, rounds, bandwidth: float, flops: float) -> list[
     params = sum(p.numel() for p in layer0.parameters())
     size = torch.empty((), dtype=runner.dtype).element_size()
     heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    _, head_dim = runner.kv_shape
     hidden, vocab = config.hidden_size, config.vocab_size
-    kv_column = 2 * kv_heads * head_dim * size
+    kv_column = runner.kv_column_bytes
     seen: set[object] = set()
     limits = []
     for pairs in rounds:

@@ -225,7 +225,7 @@ def fuse_projections(layer: torch.nn.Module) -> _FusedWeights | None:
 
 def _fused_layer(
     layer: torch.nn.Module, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None, gate_up_weight: torch.Tensor,
-    gate_up_bias: torch.Tensor | None, split: tuple[int, int, int], h: torch.Tensor, mask: torch.Tensor,
+    gate_up_bias: torch.Tensor | None, split: tuple[int, int, int], h: torch.Tensor, mask: torch.Tensor | None,
     pe: tuple[torch.Tensor, torch.Tensor], column: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     start: torch.Tensor | None = None, one_row: bool = False,
 ) -> torch.Tensor:
@@ -236,9 +236,9 @@ def _fused_layer(
     :mod:`polar.decode_attention` reads only columns ``start .. column``; otherwise masked SDPA
     over the whole buffer. ``one_row`` (batch 1, Triton): q/k/v, o_proj and down run as
     :mod:`polar.gemv` kernels with the norm, rotary and KV writes (q/k/v; not with per-head q/k
-    norms), SiLU·up and residual adds fused in. The fused
-    weights come as plain tensors (not a dataclass), so that torch.compile treats them as graph
-    inputs and every layer shares one compiled graph."""
+    norms), SiLU·up and residual adds fused in. The fused weights come as plain tensors (not a
+    dataclass), so that torch.compile treats them as graph inputs and every layer shares one
+    compiled graph."""
     attn, mlp = layer.self_attn, layer.mlp
     b, d = h.shape[0], keys.shape[-1]
     norm = layer.input_layernorm
@@ -326,10 +326,6 @@ class _Slot:
     graph: Any = None
     in_use: bool = False
 
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()
-
 
 @dataclass(eq=False)
 class _Head:
@@ -364,26 +360,20 @@ class _Workspace:
         self.start = torch.full((rows,), tcap, device=device, dtype=torch.int32)
         self.slots: dict[tuple[int, int, bool], list[_Slot]] = {}
         self.heads: dict[tuple[int, bool], _Head] = {}
-        # whole-token graphs (head + every active step), keyed by the units they run
+        # whole-token graphs (every active step of a token; the head replays apart), keyed by slots
         self.token_graphs: OrderedDict[tuple[int, ...], Any] = OrderedDict()
 
     def state(self) -> list[torch.Tensor]:
         """Tensors a graph's warm-up run modifies, to be restored before capture."""
         return [self.hidden, self.mask, self.positions, self.cos, self.sin, self.column, self.start]
 
-    def idle_slots(self) -> list[_Slot]:
-        return [slot for pool in self.slots.values() for slot in pool if not slot.in_use]
-
-    def drop_idle_slots(self) -> int:
-        """Free the buffers (and graphs) of slots no running batch holds; returns bytes freed."""
-        freed = 0
+    def drop_idle_slots(self) -> None:
+        """Free the buffers (and graphs) of slots no running batch holds."""
         for key, pool in list(self.slots.items()):
-            freed += sum(slot.nbytes for slot in pool if not slot.in_use)
             pool[:] = [slot for slot in pool if slot.in_use]
             if not pool:
                 del self.slots[key]
         self.token_graphs.clear()  # they may replay dropped slots
-        return freed
 
 
 # --------------------------------------------------------------------------- decoder
@@ -431,9 +421,9 @@ class CudaGraphDecoder:
         # Fuse each layer's small elementwise kernels (norms, rotary, residuals) with
         # torch.compile before capture (default: with graphs). Decode at small batch is bound by
         # those launches inside the graph, not by weight reads. Dynamo treats a layer's weights
-        # as inputs, so all layers share one compiled graph; the row count becomes a dynamic
-        # dimension at the second bucket seen (automatic dynamic shapes), so a search compiles
-        # each body about twice per process instead of once per row bucket.
+        # as inputs, so all layers share one compiled graph; the row count and KV capacity are
+        # marked dynamic (_dynamic_rows), so a search compiles each body once for every bucket
+        # above one row (batch 1 keeps its own, specialised graph).
         self.compiled = bool(self.use_graphs if compile_layers is None else compile_layers)
         self._call_layer, self._fused_layer, self._head_math = _call_layer, _fused_layer, _head_math
         if self.compiled:
@@ -449,8 +439,8 @@ class CudaGraphDecoder:
         self.triton_attention = False
         if self._fused is not None and runner.device.type == "cuda" and triton_attention is not False:
             self.triton_attention = self._check_triton_attention()
-        # Batch 1 (the latency case): projections as one-row Triton kernels with the norms,
-        # SiLU·up and residuals fused in (polar.gemv), checked against the HF layer once.
+        # Batch 1 (the latency case): projections as one-row Triton kernels with the norm,
+        # rotary, KV writes, SiLU·up and residuals fused in (polar.gemv), checked once.
         self.row_gemv = False
         if self.triton_attention and row_gemv is not False:
             self.row_gemv = self._check_row_gemv()
@@ -777,12 +767,12 @@ class CudaGraphDecoder:
                 if copied is not None:
                     copied.synchronize()
                 tokens = host[t, : len(members)].tolist()
+                live_set = set(live)
                 if self.capture_logits:
+                    rows = [k for k, m in enumerate(members) if m in live_set]
                     step_logits = torch.full((batch, head.logits.shape[1]), float("nan"))
-                    rows = [k for k, m in enumerate(members) if m in set(live)]
                     step_logits[[members[k] for k in rows]] = head.logits[rows].float().cpu()
                     self.last_logits.append(step_logits)
-                live_set = set(live)
                 finished = set()
                 for row, token in zip(members, tokens):
                     if row < 0 or row not in live_set:
@@ -807,7 +797,7 @@ class CudaGraphDecoder:
         returns the slots still to run."""
         active = []
         for s, slot in enumerate(slots):
-            keep = [j for j, m in enumerate(slot.members) if m >= 0 and m in live]
+            keep = [j for j, m in enumerate(slot.members) if m in live]  # padding (-1) is never live
             if not keep:
                 continue  # slot stays reserved (its index must remain valid) but never runs
             if self._bucket(len(keep)) == slot.bucket:
@@ -845,24 +835,23 @@ class CudaGraphDecoder:
     def _layer_step(self, ws: _Workspace, slot: _Slot) -> None:
         """Run ``slot.layer`` on the slot's rows at the current column (graph body)."""
         runner = self.runner
-        if slot.dense:
-            n = slot.bucket
-            h, m, pos, start = ws.hidden[:n], ws.mask[:n], ws.positions[:n], ws.start[:n]
-            pe = (ws.cos[:n], ws.sin[:n])
-        else:
-            idx = slot.rows
-            h, m, pos = ws.hidden.index_select(0, idx), ws.mask.index_select(0, idx), ws.positions.index_select(0, idx)
-            pe = (ws.cos.index_select(0, idx), ws.sin.index_select(0, idx))
-            start = ws.start.index_select(0, idx)
+
+        def take(t: torch.Tensor) -> torch.Tensor:  # the slot's rows of a workspace tensor
+            return t[: slot.bucket] if slot.dense else t.index_select(0, slot.rows)
+
+        h, pe = take(ws.hidden), (take(ws.cos), take(ws.sin))
         layer = runner._layers[slot.layer]
         if self._fused is not None:
+            # only what the layer reads: first valid columns for the Triton kernel, else the mask
+            start = take(ws.start) if self.triton_attention else None
+            mask = None if self.triton_attention else take(ws.mask)
             if self.compiled:
-                _dynamic_rows(h, m, pe[0], pe[1], slot.keys, slot.values, start)
-            out = self._fused_layer(layer, *self._fused[slot.layer].args(), h, m, pe, ws.column, slot.keys, slot.values,
-                                    start if self.triton_attention else None, self.row_gemv and slot.bucket == 1)
+                _dynamic_rows(h, pe[0], pe[1], slot.keys, slot.values, start if mask is None else mask)
+            out = self._fused_layer(layer, *self._fused[slot.layer].args(), h, mask, pe, ws.column, slot.keys,
+                                    slot.values, start, self.row_gemv and slot.bucket == 1)
         else:
             cache = _SlotWriter(ws.column, slot.keys, slot.values)
-            out = self._call_layer(layer, h, m, pos, pe, {runner._cache_kwarg: cache})
+            out = self._call_layer(layer, h, take(ws.mask), take(ws.positions), pe, {runner._cache_kwarg: cache})
         if slot.dense:
             ws.hidden[: slot.bucket].copy_(out)
         else:
@@ -905,7 +894,7 @@ class CudaGraphDecoder:
         per set of slots, so a repeated program, e.g. in serving, reuses it): their time is
         launch-bound. Larger batches replay one graph per step; those launches hide behind the
         device work, and a new batch of programs needs no new capture."""
-        if not (self.use_graphs and self.token_graphs and len(active) and active[0].bucket <= self.token_graph_rows
+        if not (self.use_graphs and self.token_graphs and active
                 and all(slot.bucket <= self.token_graph_rows for slot in active)):
             for slot in active:
                 self._run(ws, slot, self._layer_step)

@@ -36,7 +36,7 @@ from polar.errors import UnsupportedModelError
 from polar.prefill import NullSink, prefill
 from polar.programs import full_program, validate_program
 from polar.prompt_cache import PromptCache
-from polar.schedule import Step, build_schedule, plan_groups
+from polar.schedule import Step, build_schedule, plan_groups, rows_on_device
 
 Prompt = str | Sequence[int]
 
@@ -127,10 +127,9 @@ class StepCache:
                 self.values[s] = self.values[s].index_select(0, index)
             members = tuple(new_index[r] for r in step.members if keep_host[r])
             positions = tuple(p for r, p in zip(step.members, step.positions) if keep_host[r])
-            rows = torch.tensor(members, dtype=torch.long, device=step.rows.device)
-            new_steps.append(Step(step.layer, rows, len(members) == kept, members, positions))
-            self.rows[s] = len(members)
-        return new_steps
+            new_steps.append(Step(step.layer, step.rows, len(members) == kept, members, positions))
+            self.rows[s] = len(members)  # buffers not yet allocated get the new row count
+        return rows_on_device(new_steps, steps[0].rows.device) if steps else new_steps
 
     # Methods some HF code paths probe on cache objects.
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -443,7 +442,7 @@ class ProgramRunner:
             if n == 0 or not bool(mask[r, total - n:].all()):
                 raise ValueError(f"row {r}: attention_mask must mark a non-empty, left-padded prompt")
             token_lists.append(ids[r, total - n:].tolist())
-        steps = build_schedule(programs, self.device)
+        steps = build_schedule(programs, "cpu")  # prefill reads members and positions only
         hidden = prefill(self, token_lists, programs, steps, NullSink(), keep_all=True)
         if hidden.shape[1] < total:
             hidden = torch.cat([hidden.new_zeros(batch, total - hidden.shape[1], hidden.shape[2]), hidden], 1)
@@ -465,7 +464,7 @@ class ProgramRunner:
                     out.append(self._backbone.embed_tokens(ids).float().cpu())
                 continue
             programs = [list(range(layer))] * len(chunk)
-            steps = build_schedule(programs, self.device)
+            steps = build_schedule(programs, "cpu")  # prefill reads members and positions only
             hidden = prefill(self, chunk, programs, steps, NullSink(), keep_all=True)
             for r, toks in enumerate(chunk):
                 out.append(hidden[r, hidden.shape[1] - len(toks):].float().cpu())

@@ -13,8 +13,9 @@ Prefill is compute-bound, so it is organised to compute as little as possible:
   until their programs diverge; each step computes one representative per such group and copies
   its result and KV to the others (the programs of one question in one batch, e.g. evaluation's
   top-k programs, share their first layers).
-* **No host stalls.** All index tensors of a batch are planned on the host and moved to the device
-  in one copy before any layer runs, so the host never waits for the device inside the loop.
+* **No host stalls.** The index tensors of a length group are planned on the host and moved to the
+  device in a few batched copies before its layers run, so the host never waits for the device
+  inside the layer loop.
 * **No per-shape attention plans.** Every step of every length group has its own (rows, width)
   shape; cuDNN's fused attention builds an execution plan per new shape (tens of milliseconds
   each, hundreds per search round at first), so prefill uses the memory-efficient and flash
@@ -204,7 +205,6 @@ def cached_entries(runner: "ProgramRunner", cache: PromptCache, token_lists: Seq
     for key in distinct:
         if cache.lookup(key) is None and cache.reserve(key, pinned=distinct) is not None:
             todo.append(key)
-    # read entries only now: a pool that grew while reserving moved its entries to new tensors
     found = {key: cache.get(key) for key in distinct}
     if todo:
         record_full_depth(runner, cache, [list(k) for k in todo], [found[k] for k in todo])  # type: ignore[misc]
@@ -218,7 +218,6 @@ def prefill(
     steps: Sequence[Step],
     sink: KVSink,
     cache: PromptCache | None = None,
-    share: bool = True,
     keep_all: bool = False,
 ) -> torch.Tensor:
     """Prefill every row's prompt under its program; KV goes to ``sink``. Returns the hidden state
@@ -238,17 +237,17 @@ def prefill(
     last = torch.zeros(batch, width if keep_all else 1, hidden_size, device=runner.device, dtype=runner.dtype)
     with attention_backends():
         for group in groups:
-            _prefill_group(runner, sorted(group), token_lists, steps, sink, width, entries, starts, prompt_ids, share, last)
+            _prefill_group(runner, sorted(group), token_lists, steps, sink, width, entries, starts, prompt_ids, last)
     return last
 
 
 def _plan_group(
     group: list[int], steps: Sequence[Step], entries: list[Entry | None], starts: list[int],
-    share_ids: list[int] | None,
+    share_ids: list[int],
 ) -> list[_StepWork]:
     """Host plan of one length group: per step, which rows compute and which copy cached KV."""
     local_of = {r: k for k, r in enumerate(group)}
-    tracker = _ShareTracker(share_ids) if share_ids is not None else None
+    tracker = _ShareTracker(share_ids)
     work: list[_StepWork] = []
     for s, step in enumerate(steps):
         item = _StepWork(s)
@@ -266,7 +265,7 @@ def _plan_group(
                 item.compute_local.append(local)
                 item.compute_members.append(j)
         item.cached = list(cached.values())
-        if tracker is not None and item.compute_local:
+        if item.compute_local:
             reps, expand = tracker.advance(item.compute_local, s)
             if len(reps) < len(item.compute_local):
                 item.reps, item.expand = reps, expand
@@ -295,12 +294,10 @@ def _upload(work: list[_StepWork], device: torch.device) -> None:
 def _prefill_group(
     runner: "ProgramRunner", group: list[int], token_lists: Sequence[Sequence[int]], steps: Sequence[Step],
     sink: KVSink, width: int, entries: list[Entry | None], starts: list[int], prompt_ids: dict,
-    share: bool, last: torch.Tensor,
+    last: torch.Tensor,
 ) -> None:
-    share_ids = None
-    if share:
-        interned: dict[tuple[int, int], int] = {}
-        share_ids = [interned.setdefault((prompt_ids[tuple(token_lists[r])], starts[r]), len(interned)) for r in group]
+    interned: dict[tuple[int, int], int] = {}  # rows with one prompt and one cached start share states
+    share_ids = [interned.setdefault((prompt_ids[tuple(token_lists[r])], starts[r]), len(interned)) for r in group]
     work = _plan_group(group, steps, entries, starts, share_ids)
     # rows that start from a cached boundary: (pool -> group-local rows, flat hidden indices)
     start_lists: dict[int, tuple[Any, list[int], list[int]]] = {}
@@ -333,7 +330,7 @@ def _prefill_group(
             sink.store(item.step, item.tensors[f"cached_members{k}"], key, value, width - w)
         if not item.compute_local:
             continue
-        whole = item.reps is None and len(item.compute_local) == n and item.compute_local == list(range(n))
+        whole = item.reps is None and len(item.compute_local) == n  # group-local rows ascend: all of them
         rows = None if whole else item.tensors["reps" if item.reps is not None else "local"]
         mask = masks[runner._sliding.get(step.layer)]
         if rows is None:

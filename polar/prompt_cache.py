@@ -63,7 +63,6 @@ class Entry:
 
     pool: Pool
     slot: int
-    length: int
 
 
 class PromptCache:
@@ -124,7 +123,7 @@ class PromptCache:
         if pool is None:
             self.refused += 1
             return None
-        entry = Entry(pool, pool.free.pop(), len(tokens))
+        entry = Entry(pool, pool.free.pop())
         self._entries[tokens] = entry
         self._last_used[tokens] = self.clock
         return entry
@@ -186,13 +185,12 @@ class PromptCache:
             keys[:, :old_capacity].copy_(old.keys)
             values[:, :old_capacity].copy_(old.values)
             hidden[:, :old_capacity].copy_(old.hidden)
-        pool = Pool(width, capacity, keys, values, hidden, list(range(capacity - 1, old_capacity - 1, -1)))
-        if old is not None:
-            pool.free = old.free + pool.free
-            for tokens, entry in self._entries.items():  # entries now point at the new tensors
-                if entry.pool is old:
-                    self._entries[tokens] = Entry(pool, entry.slot, entry.length)
-        self.pools[width] = pool
+        new_slots = list(range(capacity - 1, old_capacity - 1, -1))
+        if old is None:
+            self.pools[width] = Pool(width, capacity, keys, values, hidden, new_slots)
+        else:  # grown in place: entries keep pointing at this pool, whose tensors are now larger
+            old.capacity, old.keys, old.values, old.hidden = capacity, keys, values, hidden
+            old.free = old.free + new_slots
         return True
 
     def stats(self) -> dict[str, int]:

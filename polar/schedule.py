@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -99,11 +100,8 @@ def beam_order(programs: Sequence[Sequence[int]], width: int) -> list[int]:
     import numpy as np
 
     rows = len(programs)
-    lengths = np.array([len(p) for p in programs], dtype=np.int64)
+    lengths, table = _program_table(programs)
     depth = max(max(p) for p in programs) + 1
-    table = np.full((rows, int(lengths.max()) + 1), -1, dtype=np.int64)
-    for r, p in enumerate(programs):
-        table[r, : len(p)] = p
     salt = np.random.default_rng(0).integers(1, 1 << 62, rows)
     cursors = np.zeros((1, rows), dtype=np.int64)
     history: list[tuple[np.ndarray, np.ndarray]] = []
@@ -149,19 +147,29 @@ def build_schedule(programs: Sequence[Sequence[int]], device: torch.device | str
         if len(beam) < len(order):
             order = beam
     batch = len(programs)
-    lengths = np.array([len(p) for p in programs], dtype=np.int64)
-    table = np.full((batch, int(lengths.max()) + 1), -1, dtype=np.int64)  # a -1 past every end
-    for r, p in enumerate(programs):
-        table[r, : len(p)] = p
+    _, table = _program_table(programs)
     cursors = np.zeros(batch, dtype=np.int64)
-    steps: list[Step] = []
+    merged: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = []  # (layer, members, positions)
     every = np.arange(batch)
     for layer in order:
         rows = np.nonzero(table[every, cursors] == layer)[0]
-        members, positions = tuple(rows.tolist()), tuple(cursors[rows].tolist())
+        merged.append((layer, tuple(rows.tolist()), tuple(cursors[rows].tolist())))
         cursors[rows] += 1
-        steps.append(Step(layer, torch.from_numpy(rows.copy()), len(members) == batch, members, positions))
-    return rows_on_device(steps, device)
+    moved = index_tensors([members for _, members, _ in merged], device)
+    return [Step(layer, rows, len(members) == batch, members, positions)
+            for (layer, members, positions), rows in zip(merged, moved)]
+
+
+def _program_table(programs: Sequence[Sequence[int]]) -> tuple[Any, Any]:
+    """(lengths, table) as numpy arrays: row r holds program r, then -1 past its end (at least one
+    -1 per row, so a cursor at the end reads "no layer")."""
+    import numpy as np
+
+    lengths = np.array([len(p) for p in programs], dtype=np.int64)
+    table = np.full((len(programs), int(lengths.max()) + 1), -1, dtype=np.int64)
+    for r, p in enumerate(programs):
+        table[r, : len(p)] = p
+    return lengths, table
 
 
 def rows_on_device(steps: list[Step], device: torch.device | str) -> list[Step]:
@@ -236,12 +244,6 @@ def plan_groups(
         step = -(-len(members) // parts)
         groups.extend(members[k:k + step] for k in range(0, len(members), step))
     return groups
-
-
-def share_groups(token_lists: Sequence[Sequence[int]]) -> list[int]:
-    """Group id per row: rows with the same tokens get the same id."""
-    seen: dict[tuple[int, ...], int] = {}
-    return [seen.setdefault(tuple(t), len(seen)) for t in token_lists]
 
 
 def identity_prefix(program: Sequence[int]) -> int:
