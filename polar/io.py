@@ -10,10 +10,12 @@ import json
 import os
 import platform
 import tempfile
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
+
+from polar.errors import DataError
 
 PROGRAM_SEMANTICS = "unrolled: every program position has its own KV state"
 
@@ -21,8 +23,6 @@ PROGRAM_SEMANTICS = "unrolled: every program position has its own KV state"
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """``(line number, parsed row)`` for each non-blank line of a JSONL file; invalid JSON or text
     that is not UTF-8 is a :class:`polar.errors.DataError` naming the file and line."""
-    from polar.errors import DataError
-
     try:
         with open(path, encoding="utf-8") as handle:
             for line_no, line in enumerate(handle, 1):

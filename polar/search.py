@@ -361,33 +361,6 @@ class Scorer(Protocol):
     def score(self, questions: Sequence[Any], programs: Sequence[Sequence[int]]) -> Sequence[Any]: ...
 
 
-def search_many(
-    questions: Sequence[Any],
-    scorer: Scorer,
-    num_layers: int,
-    config: SearchConfig = SearchConfig(),
-    model_name: str | None = None,
-    max_active: int | None = None,
-    on_finished: Callable[[list[dict[str, Any]]], None] | None = None,
-    on_round: Callable[[int, int], None] | None = None,
-    deadline: float | None = None,
-) -> list[dict[str, Any]]:
-    """Search every question; return one release-format sample per question, in input order.
-
-    With a ``deadline`` (a ``time.perf_counter()`` value) no question starts after it; the ones
-    in flight finish, and the questions never started are left out of the result.
-
-    Up to ``max_active`` questions (default: all) search at once; a finished question's slot is
-    refilled from the queue so batches stay full. Each round makes exactly one ``scorer.score``
-    call holding one pending program per active question. ``on_finished(samples)`` is called after
-    every round in which questions finished (the CLI saves progress there); ``on_round(finished,
-    programs)`` reports progress counts.
-    """
-    with _collection_paused() as collections:
-        return _search_many(questions, scorer, num_layers, config, model_name, max_active, on_finished, on_round,
-                            deadline, collections)
-
-
 @contextmanager
 def _collection_paused() -> Iterator["_SparseCollections"]:
     """Pause Python's automatic cyclic collector during a search; the driver runs a full
@@ -427,11 +400,28 @@ class _SparseCollections:
         self.duration = self.last - started
 
 
-def _search_many(
-    questions: Sequence[Any], scorer: Scorer, num_layers: int, config: SearchConfig, model_name: str | None,
-    max_active: int | None, on_finished: Callable[[list[dict[str, Any]]], None] | None,
-    on_round: Callable[[int, int], None] | None, deadline: float | None, collections: _SparseCollections,
+def search_many(
+    questions: Sequence[Any],
+    scorer: Scorer,
+    num_layers: int,
+    config: SearchConfig = SearchConfig(),
+    model_name: str | None = None,
+    max_active: int | None = None,
+    on_finished: Callable[[list[dict[str, Any]]], None] | None = None,
+    on_round: Callable[[int, int], None] | None = None,
+    deadline: float | None = None,
 ) -> list[dict[str, Any]]:
+    """Search every question; return one release-format sample per question, in input order.
+
+    With a ``deadline`` (a ``time.perf_counter()`` value) no question starts after it; the ones
+    in flight finish, and the questions never started are left out of the result.
+
+    Up to ``max_active`` questions (default: all) search at once; a finished question's slot is
+    refilled from the queue so batches stay full. Each round makes exactly one ``scorer.score``
+    call holding one pending program per active question. ``on_finished(samples)`` is called after
+    every round in which questions finished (the CLI saves progress there); ``on_round(finished,
+    programs)`` reports progress counts.
+    """
     bounds = length_bounds(model_name, num_layers, config)
     limit = len(questions) if max_active is None else max(1, max_active)
     queue = iter(range(len(questions)))
@@ -447,28 +437,29 @@ def _search_many(
             return True
         return False
 
-    while len(active) < limit and start_next():
-        pass
-    while active:
-        indices = list(active)
-        outcomes = scorer.score([questions[i] for i in indices], [active[i][1] for i in indices])
-        finished: list[dict[str, Any]] = []
-        for index, outcome in zip(indices, outcomes):
-            gen, _, started = active[index]
-            try:
-                active[index] = (gen, gen.send(1.0 if outcome.correct else 0.0), started)
-            except StopIteration as stop:
-                del active[index]
-                seconds = time.perf_counter() - started
-                results[index] = make_sample(questions[index], stop.value, seconds, index, config.tree_policy)
-                finished.append(results[index])
+    with _collection_paused() as collections:
         while len(active) < limit and start_next():
             pass
-        if on_round is not None:
-            on_round(len(finished), len(indices))
-        if finished and on_finished is not None:
-            on_finished(finished)
-        collections.after_round()
+        while active:
+            indices = list(active)
+            outcomes = scorer.score([questions[i] for i in indices], [active[i][1] for i in indices])
+            finished: list[dict[str, Any]] = []
+            for index, outcome in zip(indices, outcomes):
+                gen, _, started = active[index]
+                try:
+                    active[index] = (gen, gen.send(1.0 if outcome.correct else 0.0), started)
+                except StopIteration as stop:
+                    del active[index]
+                    seconds = time.perf_counter() - started
+                    results[index] = make_sample(questions[index], stop.value, seconds, index, config.tree_policy)
+                    finished.append(results[index])
+            while len(active) < limit and start_next():
+                pass
+            if on_round is not None:
+                on_round(len(finished), len(indices))
+            if finished and on_finished is not None:
+                on_finished(finished)
+            collections.after_round()
     return [r for r in results if r is not None]
 
 
@@ -577,7 +568,7 @@ def _flatten(settings: Any, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in settings.items():
         name = f"{prefix}.{key}" if prefix else str(key)
-        out.update(_flatten(value, name) if isinstance(value, dict) else {name: value})
+        out.update(_flatten(value, name))
     return out
 
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 
 from polar.programs import full_program
-from polar.search import Program, SearchConfig, SearchResult, free_tree
+from polar.search import Program, SearchConfig, SearchResult, free_tree, is_legal
 
 
 @dataclass(eq=False, slots=True)
@@ -94,7 +94,7 @@ def release_children(
         for size in range(1, min(max_size, n - i) + 1):
             if 0 < n - size and lo <= n - size <= hi:
                 child = program[:i] + program[i + size :]
-                if child not in visited and (parent_ok or _within_uses(child, config)):
+                if child not in visited and (parent_ok or is_legal(child, bounds, max_uses)):
                     visited.add(child)
                     kept.append(child)
         if not parent_ok:
@@ -112,15 +112,6 @@ def release_children(
                         visited.add(child)
                         kept.append(child)
     return kept
-
-
-def _within_uses(program: Program, config: SearchConfig) -> bool:
-    counts: dict[int, int] = {}
-    for layer in program:
-        counts[layer] = counts.get(layer, 0) + 1
-        if counts[layer] > config.max_uses_per_layer:
-            return False
-    return True
 
 
 def release_question_search(

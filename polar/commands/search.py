@@ -34,7 +34,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--target_diff", type=int, choices=range(1, 6), metavar="N", help="difficulty level 1-5")
     p.add_argument("--limit", type=positive_int, default=None, help="search only this many questions")
     p.add_argument("--offset", type=non_negative_int, default=0, help="skip this many questions first")
-    p.add_argument("--num_simulations", type=positive_int, default=100, help="programs evaluated per question after the full-depth one")
+    p.add_argument("--num_simulations", type=positive_int, default=100,
+                   help="MCTS iterations per question (release policy: an iteration may evaluate nothing; "
+                        "widening: newly evaluated programs)")
     p.add_argument("--max_new_tokens", type=positive_int, default=50)
     p.add_argument("--prompt_style", default=None,
                    help="prompt wrapping (plain, chat, chat_nothink; default: the model's reference style)")
@@ -149,8 +151,7 @@ def run(args: argparse.Namespace) -> int:
                                max_new_tokens=args.max_new_tokens, fewshot=args.fewshot,
                                batch_size=args.batch_size or 64)
         if args.batch_size is None:
-            sample = questions[:256]
-            lengths = [len(runner.encode([scorer.prompt_text(q)])[0]) for q in sample]
+            lengths = [len(ids) for ids in runner.encode([scorer.prompt_text(q) for q in questions[:256]])]
             scorer.batch_size = runner.suggest_batch_size(lengths, args.max_new_tokens)
             _stderr(f"batch size {scorer.batch_size} (from free device memory; --batch_size to choose)")
         settings["batch_size"] = scorer.batch_size
