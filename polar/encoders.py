@@ -79,7 +79,8 @@ def feature_dtype(precision: str) -> torch.dtype:
 
 
 class QuestionEncoder(Protocol):
-    """Turns question texts into per-token feature matrices ``[T_i, dim]``."""
+    """Turns question texts into per-token feature matrices ``[T_i, dim]``, float32 tensors
+    already rounded to ``precision`` (:func:`round_features`)."""
 
     dim: int
     precision: str
@@ -179,7 +180,7 @@ class HFEncoder:
             states = self.model(**batch).last_hidden_state.float().cpu()
             mask = batch["attention_mask"].bool().cpu()
             out.extend(states[row][mask[row]] for row in range(len(chunk)))
-        return out
+        return round_features(out, self.precision)
 
 
 def _load_encoder(
@@ -329,9 +330,8 @@ def encode_cached(
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
-    precision = getattr(encoder, "precision", "float32")
     if cache_dir is None:
-        return round_features(encoder.encode(texts), precision)
+        return encoder.encode(texts)
     path = Path(cache_dir) / f"features-{features_key(encoder, texts)}.safetensors"
     if path.exists():
         try:
@@ -340,11 +340,11 @@ def encode_cached(
             return [chunk.float() for chunk in torch.split(data["features"], lengths)]
         except (SafetensorError, KeyError, RuntimeError, OSError) as err:  # damaged: recompute it
             print(f"note: {path} is unreadable ({type(err).__name__}); encoding again", file=sys.stderr)
-    features = round_features(encoder.encode(texts), precision)
+    features = encoder.encode(texts)  # rounded to the encoder's precision by the encoder itself
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     flat = torch.cat(features) if features else torch.zeros(0, encoder.dim)
-    flat = flat.to(feature_dtype(precision)).contiguous()  # exact: the values are already rounded
+    flat = flat.to(feature_dtype(encoder.precision)).contiguous()  # exact: the values are already rounded
     lengths = [f.shape[0] for f in features]
     save_file({"features": flat, "lengths": torch.tensor(lengths, dtype=torch.int64)}, str(tmp))
     os.replace(tmp, path)

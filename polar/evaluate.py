@@ -175,7 +175,7 @@ def _question_result(sample, diff, programs, base, live, config: EvalConfig) -> 
     )
 
 
-def summarise(results: Sequence[QuestionResult], num_layers: int) -> dict[str, float | int | None]:
+def summarise(results: Sequence[QuestionResult], num_layers: int) -> dict[str, float | int | str | None]:
     """Metrics of a group of questions (one difficulty, or all)."""
     n = len(results)
     if n == 0:

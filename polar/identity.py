@@ -49,6 +49,10 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 _ABSENT = object()
 
 
+def _show(value: Any) -> str:
+    return "(not recorded)" if value is _ABSENT else json.dumps(value)
+
+
 def identity_differences(
     stored: dict[str, Any], current: dict[str, Any], only_common: bool = False
 ) -> list[str]:
@@ -63,6 +67,5 @@ def identity_differences(
     for key in keys:
         left, right = a.get(key, _ABSENT), b.get(key, _ABSENT)
         if left != right:
-            show = lambda v: "(not recorded)" if v is _ABSENT else json.dumps(v)  # noqa: E731
-            lines.append(f"{key}: {show(left)} (checkpoint) vs {show(right)} (these flags)")
+            lines.append(f"{key}: {_show(left)} (checkpoint) vs {_show(right)} (these flags)")
     return lines

@@ -3,9 +3,11 @@ behind ``polar train`` / ``polar eval``.
 
 The flow per run: read the supervision files of the chosen difficulties, split them (train
 [0:1250], validation [1250:1500], test [1500:1500+num_samples]), train a predictor unless a
-checkpoint with the expected name already exists (the release's behaviour; we say so), then
-evaluate it on the test questions and write ``eval_*.json`` plus plots. Everything here is glue:
-the work happens in :mod:`polar.train`, :mod:`polar.decode` and :mod:`polar.evaluate`.
+finished checkpoint trained with the same training identity already exists at the expected path
+(reused, and we say so; an unfinished one left by an interrupted run is trained again; a finished
+one trained under other settings is an error, never overwritten), then evaluate it on the test
+questions and write ``eval_*.json`` plus plots. Everything here is glue: the work happens in
+:mod:`polar.train`, :mod:`polar.decode` and :mod:`polar.evaluate`.
 
 The expected checkpoint name ends in a hash of everything that changes the trained weights
 (:meth:`Job.training_identity`: training flags, predictor sizes and architecture, encoder and
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 from dataclasses import asdict, fields, replace
 from functools import cached_property
@@ -226,7 +227,7 @@ class Job:
         from polar.predictor import checkpoint_files
 
         a = self.args
-        stem = checkpoint_files(checkpoint)[0].name[: -len(".safetensors")]
+        stem = checkpoint_files(checkpoint)[0].stem
         if a.checkpoint_path and not a.eval_dataset:
             stem += f"_diff{'all' if a.eval_all_diffs else a.target_diff}"
         suffix = "_cache_breakdown" if a.eval_cache_breakdown else ""
@@ -252,8 +253,6 @@ class Job:
         an edited or regenerated supervision file trains anew while its test part, metadata and
         search statistics do not matter.
         """
-        from polar.identity import samples_digest
-
         train_size, val_size = parse_split_sizes(self.args.split_sizes)
         identity = {
             "model": self.model_dir,
@@ -263,8 +262,16 @@ class Job:
             "training": self.train_config.weight_identity(),
         }
         if with_data:
-            identity["data"] = samples_digest(split for diff in self.diffs for split in self.splits[diff][:2])
+            identity["data"] = self.data_digest
         return identity
+
+    @cached_property
+    def data_digest(self) -> str:
+        """Digest of the train and validation splits (computed once: the splits are cached and
+        nothing edits their samples)."""
+        from polar.identity import samples_digest
+
+        return samples_digest(split for diff in self.diffs for split in self.splits[diff][:2])
 
     @cached_property
     def identity_hash(self) -> str:
@@ -381,7 +388,6 @@ def decode_config_from_args(args: argparse.Namespace):
 def train_job(job: Job) -> Path:
     """Train unless a finished checkpoint of the same training identity exists; return its path."""
     from polar.distributed import parse_shard
-    from polar.identity import identity_hash
     from polar.io import run_metadata
     from polar.train import TrainingSet, check_logging_available, examples_from_files, train_predictor
 
@@ -424,7 +430,7 @@ def train_job(job: Job) -> Path:
         "max_new_tokens": args.max_new_tokens,
         "difficulties": job.diffs,
         "identity": identity,
-        "identity_hash": identity_hash(identity),
+        "identity_hash": job.identity_hash,
         "flags": {k: v for k, v in sorted(vars(args).items()) if isinstance(v, (str, int, float, bool, type(None)))},
         "example_stats": {"train": asdict(train_stats), "validation": asdict(val_stats)},
         **run_metadata(model=args.model_path, encoder=spec.to_dict(), prompt_style=prompt_style, seed=args.seed),
@@ -445,8 +451,6 @@ def checkpoint_identity(meta: dict) -> tuple[dict, bool]:
     Checkpoints written before the identity was stored record their training flags (compared
     as far as they go), their encoder name and, by its absence, the pre-norm architecture.
     """
-    from dataclasses import fields as dataclass_fields
-
     from polar.predictor import LEGACY_ARCH
     from polar.train import TrainConfig
 
@@ -454,7 +458,7 @@ def checkpoint_identity(meta: dict) -> tuple[dict, bool]:
         return meta["identity"], False
     partial: dict = {}
     recorded = meta.get("training") if isinstance(meta.get("training"), dict) else {}
-    names = {f.name for f in dataclass_fields(TrainConfig)}
+    names = {f.name for f in fields(TrainConfig)}
     known = {k: v for k, v in recorded.items() if k in names}
     architecture = meta.get("predictor") if isinstance(meta.get("predictor"), dict) else {}
     known.setdefault("predictor_arch", architecture.get("arch", LEGACY_ARCH))
@@ -474,17 +478,15 @@ def reusable_checkpoint(path: Path, identity: dict, explicit: bool, log) -> bool
     An unfinished one (interrupted training) is retrained. A finished one trained under other
     settings is never overwritten: that is an error naming the differences.
     """
-    import json
-
     from polar.identity import identity_differences
-    from polar.predictor import checkpoint_files
+    from polar.predictor import checkpoint_files, load_checkpoint_info
 
     weights, manifest = checkpoint_files(path)
     if not (weights.exists() and manifest.exists()):
         return False
     try:
-        meta = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+        meta = load_checkpoint_info(path)  # undecodable JSON: CheckpointError already
+    except OSError as err:  # unreadable file: the same one-line error
         raise CheckpointError(f"{manifest}: not a predictor checkpoint manifest ({err})") from None
     if meta.get("complete") is False:
         log(f"checkpoint {path} is unfinished (its training was interrupted): training again")
@@ -608,12 +610,13 @@ def eval_job(job: Job, checkpoint: Path | None = None) -> Path:
         "checkpoint_identity_hash": ckpt.meta.get("identity_hash"),
         "checkpoint_prompt_style": ckpt.meta.get("prompt_style"),
     }
+    report_path = job.eval_path(path)
     if num_shards > 1:
-        report = _merge_if_complete(job.eval_path(path), report, shard, num_shards, runner.num_layers)
+        report = _merge_if_complete(report_path, report, shard, num_shards, runner.num_layers)
         if report is None:
-            log(f"shard {shard}/{num_shards} done; the last shard to finish writes {job.eval_path(path)}")
-            return job.eval_path(path)
-    out = write_report(report, job.eval_path(path), runner.num_layers, settings, log=log)
+            log(f"shard {shard}/{num_shards} done; the last shard to finish writes {report_path}")
+            return report_path
+    out = write_report(report, report_path, runner.num_layers, settings, log=log)
     log(format_metrics(report["metrics"]))
     log(f"wrote {out}")
     if args.delete_checkpoint_after_eval:

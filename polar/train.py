@@ -236,15 +236,12 @@ def build_examples(
         paths = [list(p) for p in sample.valid_paths]
         stats.paths += len(paths)
         has_original = any(p == full for p in paths)
-        has_shorter = any(p != full and len(p) < num_layers for p in paths)
+        has_shorter = any(len(p) < num_layers for p in paths)  # full has num_layers layers
         trigger = has_original and has_shorter
         if not config.reweight_original_path_if_shorter_valid:
             kept = _drop_originals(paths, full, trigger, config, rng)
             stats.originals_dropped += len(paths) - len(kept)
             paths = kept
-        if not paths:
-            stats.questions_without_paths += 1
-            continue
         cap = config.max_paths_per_sample
         if cap and len(paths) > cap:
             stats.subsampled_away += len(paths) - cap
@@ -605,11 +602,12 @@ def train_predictor(
                     optimizer.step()
                 used_lr = lr.value
                 lr.after_update()
-                total += float(loss.detach())
+                loss_value = float(loss.detach())
+                total += loss_value
                 step += 1
                 if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{used_lr:.2e}")
-                logger.log({"train/loss": float(loss.detach()), "train/lr": used_lr,
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{used_lr:.2e}")
+                logger.log({"train/loss": loss_value, "train/lr": used_lr,
                             **{f"train/{k}": v for k, v in parts.items()}}, step)
             train_loss = total / max(1, len(batches))  # the release's epoch average
             val_loss = evaluate_loss(model, val, config, device) if use_val else None
@@ -623,7 +621,7 @@ def train_predictor(
             else:
                 improved = True  # without validation the last epoch wins
             if improved:
-                state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                state = _cpu_state(model)
                 best = (val_loss if use_val else float(epoch), epoch, state)
                 _save(checkpoint_path, model, state, encoder, {**meta, "complete": False}, history)
             val_text = f" val_loss {val_loss:.4f}" if val_loss is not None else ""
@@ -632,8 +630,7 @@ def train_predictor(
     finally:
         logger.close()
     if best is None:  # validation never gave a finite loss: keep the final weights, as the release does
-        final = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        best = (float("nan"), config.num_epochs, final)
+        best = (float("nan"), config.num_epochs, _cpu_state(model))
     _save(checkpoint_path, model, best[2], encoder, {**meta, "complete": True}, history)
     best_val = best[0] if use_val and math.isfinite(best[0]) else None
     return TrainResult(Path(checkpoint_path), best[1], best_val, history, skipped)
@@ -649,8 +646,13 @@ def _skip_non_finite(config: TrainConfig, step: int, lr: ReleaseLR) -> int:
     return 1
 
 
+def _cpu_state(model: Predictor) -> dict[str, torch.Tensor]:
+    """A CPU copy of the model's weights, untouched by later training steps."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
 def _save(path, model, state, encoder, meta, history) -> None:
-    live = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    live = _cpu_state(model)
     model.load_state_dict(state)
     try:
         save_checkpoint(path, model, encoder, {**meta, "history": history})
