@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import time
 
-from polar.math import extract_answer, is_equivalent
-from polar.prompts import completion_answer_text
+from polar.math import is_equivalent
+from polar.scoring import judge_texts
 
 # (prediction as written inside the box, gold answer)
 ANSWER_PAIRS = [
@@ -41,8 +41,7 @@ def main() -> None:
         print(f"is_equivalent({pred!r}, {gold!r}) = {verdict}  [{time.perf_counter() - started:.3f} s]")
     for text, gold in COMPLETIONS:
         started = time.perf_counter()
-        answer = extract_answer(completion_answer_text(text, "plain"), "boxed")
-        verdict = answer is not None and is_equivalent(answer, gold)
+        answer, verdict = judge_texts([text], [gold], "plain", "boxed")[0]  # the scorer's check
         print(f"completion {text!r}, gold {gold!r}: answer {answer!r} -> {verdict}  "
               f"[{time.perf_counter() - started:.3f} s]")
 

@@ -160,14 +160,6 @@ def load_samples(path: str | os.PathLike) -> list[Sample]:
     return load_samples_with_metadata(path)[0]
 
 
-def metadata_num_layers(metadata: dict[str, Any]) -> int | None:
-    """Model depth recorded by our own outputs (``settings.num_layers``), if any."""
-    for block in (metadata.get("settings"), metadata):
-        if isinstance(block, dict) and _is_index(block.get("num_layers")) and block["num_layers"] > 0:
-            return int(block["num_layers"])
-    return None
-
-
 # --------------------------------------------------------------------------- depth and runnable programs
 
 

@@ -241,22 +241,21 @@ def _check_decoder_only(model: Any, name: str) -> None:
 def model_depth(name_or_path: str, cache_dir: str | None = None) -> int:
     """The number of decoder layers of a model, read from its config (no weights, no network,
     no model code): a local directory, a hub id already in the local cache, or a ``.gguf`` file."""
-    path = Path(name_or_path).expanduser()
-    if str(name_or_path).endswith(".gguf"):
-        if not path.exists():
-            raise FileNotFoundError(f"GGUF file not found: {name_or_path}")
+    path = local_model_path(str(name_or_path), "model")
+    if path is not None and path.is_file() and path.suffix.lower() == ".gguf":
+        check_gguf_file(path)
         return _gguf_depth(path)
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path, cache_dir=cache_dir,
+        config = AutoConfig.from_pretrained(str(path) if path is not None else name_or_path, cache_dir=cache_dir,
                                             local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as err:
         gguf = smollm2_gguf_path() if name_or_path == SMOLLM2_ID else None
         if gguf is not None:
             return _gguf_depth(gguf)
         raise UnsupportedModelError(
-            f"{name_or_path}: cannot read its config locally ({str(err).splitlines()[0]}); pass the depth instead"
+            f"{name_or_path}: cannot read its config locally ({first_line(err)}); pass the depth instead"
         ) from None
     config = getattr(config, "text_config", None) or config
     depth = getattr(config, "num_hidden_layers", None)

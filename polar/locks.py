@@ -188,11 +188,3 @@ def hold(path: str | os.PathLike, log: Callable[[str], None] = print) -> Iterato
         yield lock
     finally:
         release(lock)
-
-
-def check_not_held(path: str | os.PathLike) -> None:
-    """Raise :class:`LockedError` if a live process holds the lock of ``path`` (before deleting it)."""
-    lock = lock_path(path)
-    holder = read_holder(lock)
-    if holder is not None and is_alive(holder) and not (holder.pid == os.getpid() and holder.host == socket.gethostname()):
-        raise LockedError(f"{path} is being written by {holder.describe()}; wait for it to finish")

@@ -475,15 +475,15 @@ def _worth_parsing(answer: str) -> bool:
 
 
 def _symbolic_equal(pred: str, gold: str) -> bool:
-    """math-verify on cleaned answers, with the size screen; no deadline of its own.
+    """math-verify on cleaned answers; no deadline of its own. Reached only through
+    :func:`is_equivalent` (in this process or the helper), which has already applied the size
+    screen (:func:`_worth_parsing`) to both answers.
 
     Any error on the way is a "not equivalent": parsers and sympy raise RecursionError on deep
     nesting, ValueError on integers past Python's int-string limit, MemoryError, TypeError and
     their own errors on odd input, and an answer that cannot be compared is wrong. The deadline
     (a BaseException) still gets through.
     """
-    if not (_worth_parsing(pred) and _worth_parsing(gold)):
-        return False
     try:
         from math_verify import verify
 

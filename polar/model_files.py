@@ -119,22 +119,21 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     refused without being read further.
     """
     size = path.stat().st_size
-    head = _read_head(path)
-    kind = pickle_kind(head)
-    if kind:
-        raise UnsafeModelError(
-            f"{path}: holds {kind}, not safetensors; polar never unpickles (it can run any code)"
-        )
-    if len(head) < 8:
-        raise ModelFileError(f"{path}: truncated or empty safetensors file ({size} bytes)")
-    length = int.from_bytes(head, "little")
-    if length > min(size - 8, MAX_SAFETENSORS_HEADER):
-        raise ModelFileError(
-            f"{path}: not a safetensors file, or a damaged one (its header length {length} "
-            f"does not fit in {size} bytes)"
-        )
     with open(path, "rb") as handle:
-        handle.seek(8)
+        head = handle.read(8)
+        kind = pickle_kind(head)
+        if kind:
+            raise UnsafeModelError(
+                f"{path}: holds {kind}, not safetensors; polar never unpickles (it can run any code)"
+            )
+        if len(head) < 8:
+            raise ModelFileError(f"{path}: truncated or empty safetensors file ({size} bytes)")
+        length = int.from_bytes(head, "little")
+        if length > min(size - 8, MAX_SAFETENSORS_HEADER):
+            raise ModelFileError(
+                f"{path}: not a safetensors file, or a damaged one (its header length {length} "
+                f"does not fit in {size} bytes)"
+            )
         raw = handle.read(length)
     try:
         header = json.loads(raw.decode("utf-8"))

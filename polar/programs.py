@@ -89,9 +89,7 @@ def parse_program(text: str | Sequence[int], num_layers: int | None = None) -> P
                     raise ValueError(
                         f"program {_short(text)}: {part[:30]!r} is not a layer index or a range like 3-7"
                     ) from None
-                where = f"program {_short(text)}" + ("" if part == stripped else f", item {part[:30]!r}")
-                _check_layer(a, len(program), num_layers, where)
-                _check_layer(b, len(program) + abs(b - a), num_layers, where)
+                _check_range(a, b, len(program), num_layers, text, None if part == stripped else part)
                 if len(program) + abs(b - a) + 1 > MAX_PROGRAM_LENGTH:
                     raise ValueError(f"program {_short(text)} is longer than {MAX_PROGRAM_LENGTH} layers")
                 step = 1 if b >= a else -1
@@ -121,14 +119,33 @@ def _short(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def _check_layer(layer: int, position: int, num_layers: int | None, where: str) -> None:
-    """A range end, before the range is expanded: in ``[0, D)``, or below :data:`MAX_NUM_LAYERS`."""
+def _bad_layer_error(position: int, layer: int, num_layers: int) -> ValueError:
+    """The error for a layer index the model does not have, at a position of the expanded program."""
+    return ValueError(f"program position {position} has layer {layer}, but the model has "
+                      f"{num_layers} layers (valid indices 0-{num_layers - 1})")
+
+
+def _check_range(a: int, b: int, position: int, num_layers: int | None, text: str, item: str | None) -> None:
+    """The range ``a-b`` (inclusive, either direction; ``a == b`` for a single index), starting at
+    ``position`` of the expanded program, checked before it is expanded.
+
+    With a depth, the error names the first bad layer and the position it takes once expanded (what
+    :func:`validate_program` reports for the expanded program): ``a`` itself, else the first index
+    past the end the range runs towards (``D`` rising, ``-1`` falling). Without one, both ends must
+    be below :data:`MAX_NUM_LAYERS`; ``text`` and ``item`` (the range's text when the program has
+    several items) name it in that message.
+    """
     if num_layers is not None:
-        if not 0 <= layer < num_layers:
-            raise ValueError(f"program position {position} has layer {layer}, but the model has "
-                             f"{num_layers} layers (valid indices 0-{num_layers - 1})")
-    elif not 0 <= layer < MAX_NUM_LAYERS:
-        raise ValueError(f"{where}: layer {layer} is beyond any model (at most {MAX_NUM_LAYERS} layers)")
+        if not 0 <= a < num_layers:
+            raise _bad_layer_error(position, a, num_layers)
+        if not 0 <= b < num_layers:
+            bad = num_layers if b > a else -1
+            raise _bad_layer_error(position + abs(bad - a), bad, num_layers)
+        return
+    for layer in (a, b):
+        if not 0 <= layer < MAX_NUM_LAYERS:
+            where = f"program {_short(text)}" + ("" if item is None else f", item {item[:30]!r}")
+            raise ValueError(f"{where}: layer {layer} is beyond any model (at most {MAX_NUM_LAYERS} layers)")
 
 
 def _as_index(value: object, position: int) -> int:
@@ -144,10 +161,7 @@ def validate_program(program: Sequence[int], num_layers: int) -> Program:
     for position, layer in enumerate(program):
         _as_index(layer, position)
         if not 0 <= layer < num_layers:
-            raise ValueError(
-                f"program position {position} has layer {layer}, but the model has "
-                f"{num_layers} layers (valid indices 0-{num_layers - 1})"
-            )
+            raise _bad_layer_error(position, layer, num_layers)
     return list(program)
 
 
@@ -219,7 +233,7 @@ def _parse(path: tuple[int, ...], num_layers: int) -> tuple[Segment, ...] | None
     counts: dict[int, int] = {}
     for layer in path:
         counts[layer] = counts.get(layer, 0) + 1
-        if counts[layer] > 2:
+        if counts[layer] > MAX_LAYER_USES:
             return None
     # forward: the states reachable from (0, 0), by layer position, with their moves
     reachable: list[dict[int, list[tuple[int, int, int]]]] = [{} for _ in range(num_layers + 1)]
