@@ -14,7 +14,6 @@ Usage: ``python bench/tree_policy.py --questions 1024 --simulations 16 --layers 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import sys
@@ -50,9 +49,11 @@ class HashScorer:
         return out
 
 
-def timed_search(questions, layers: int, config: search.SearchConfig, model: str | None) -> tuple[float, list]:
+def timed_search(questions, layers: int, config: search.SearchConfig, model: str | None,
+                 pause_collection: bool = True) -> tuple[float, list]:
     started = time.perf_counter()
-    samples = search.search_many(questions, HashScorer(), layers, config, model_name=model, max_active=len(questions))
+    samples = search.search_many(questions, HashScorer(), layers, config, model_name=model, max_active=len(questions),
+                                 pause_collection=pause_collection)
     return time.perf_counter() - started, samples
 
 
@@ -72,11 +73,8 @@ def main() -> None:
     for _ in range(args.repeats):
         seconds, ours_samples = timed_search(questions, args.layers, config, args.model)
         ours.append(seconds)
-        with contextlib.ExitStack() as stack:  # the collector left running, as before
-            original = search._collection_paused
-            search._collection_paused = lambda: contextlib.nullcontext(search._SparseCollections(float("inf")))
-            stack.callback(setattr, search, "_collection_paused", original)
-            seconds, auto_samples = timed_search(questions, args.layers, config, args.model)
+        # the collector left running, as before
+        seconds, auto_samples = timed_search(questions, args.layers, config, args.model, pause_collection=False)
         auto.append(seconds)
         assert [s["final_valid_transitions"] for s in ours_samples] == [s["final_valid_transitions"] for s in auto_samples]
     result = {"questions": args.questions, "simulations": args.simulations, "layers": args.layers,

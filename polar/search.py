@@ -62,7 +62,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -410,6 +410,7 @@ def search_many(
     on_finished: Callable[[list[dict[str, Any]]], None] | None = None,
     on_round: Callable[[int, int], None] | None = None,
     deadline: float | None = None,
+    pause_collection: bool = True,
 ) -> list[dict[str, Any]]:
     """Search every question; return one release-format sample per question, in input order.
 
@@ -420,7 +421,8 @@ def search_many(
     refilled from the queue so batches stay full. Each round makes exactly one ``scorer.score``
     call holding one pending program per active question. ``on_finished(samples)`` is called after
     every round in which questions finished (the CLI saves progress there); ``on_round(finished,
-    programs)`` reports progress counts.
+    programs)`` reports progress counts. ``pause_collection=False`` leaves Python's automatic
+    cyclic collector running (see :func:`_collection_paused`; the results are the same).
     """
     bounds = length_bounds(model_name, num_layers, config)
     limit = len(questions) if max_active is None else max(1, max_active)
@@ -437,7 +439,8 @@ def search_many(
             return True
         return False
 
-    with _collection_paused() as collections:
+    pause = _collection_paused() if pause_collection else nullcontext(_SparseCollections(float("inf")))
+    with pause as collections:
         while len(active) < limit and start_next():
             pass
         while active:

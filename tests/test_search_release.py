@@ -459,6 +459,24 @@ def test_search_pauses_automatic_collection_only_while_it_runs():
             gc.enable()
 
 
+def test_collection_left_on_gives_the_same_search():
+    import gc
+
+    seen = []
+
+    class Probe(HashScorer):
+        def score(self, qs, programs):
+            seen.append(gc.isenabled())
+            return super().score(qs, programs)
+
+    config = SearchConfig(num_simulations=12)
+    paused = search_many(questions(5), HashScorer(), 8, config)
+    running = search_many(questions(5), Probe(), 8, config, pause_collection=False)
+    assert seen and all(seen), "the collector runs inside the search"
+    assert [s["final_valid_transitions"] for s in running] == [s["final_valid_transitions"] for s in paused]
+    assert [s["final_invalid_transitions"] for s in running] == [s["final_invalid_transitions"] for s in paused]
+
+
 def test_sparse_collections_bound_the_time_spent_collecting(monkeypatch):
     import gc
 
