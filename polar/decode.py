@@ -3,9 +3,13 @@
 Segment boundaries come from thresholding the segment-start logits (layer 0 always starts a
 segment; runs longer than 4 layers are split, as in training targets). With the boundaries fixed,
 each segment chooses an op; a beam search over ops keeps the ``beam_size`` best op sequences by
-summed log-probability, trying the ``top_k_ops`` likeliest ops of each segment. Finished beams are
-ranked by ``score - len_penalty * program_length`` and the best ``top_k_paths`` distinct, non-empty
-programs are returned (a program that skips every layer cannot run).
+summed log-probability, trying the ``top_k_ops`` likeliest ops of each segment. As in the release
+(``decode_polar_to_actions`` and ``evaluate_polar``), finished beams are reranked by
+``score - len_penalty * program_length`` only when ``len_penalty > 0`` and the first
+``top_k_paths`` beams are the candidates. A beam that skips every layer keeps its slot as an
+empty program: the release scores it 0 without running it, and a lower beam does not take its
+place. Deployment needs a program that runs, so :func:`runnable_programs` drops empty ones and
+falls back to the full-depth program.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from polar.programs import KEEP, Program, Segment, full_program, segments_from_starts, segments_to_path
+from polar.programs import Program, Segment, full_program, segments_from_starts, segments_to_path
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,8 @@ class Candidate:
 
 def segment_boundaries(seg_logits: torch.Tensor, threshold: float) -> list[Segment]:
     """Segments (op left as -1) whose starts are layer 0 plus every layer with p >= threshold."""
-    starts = (torch.sigmoid(seg_logits.float()) >= threshold).tolist()
+    # compared in double precision, as the release compares ``sigmoid(...).tolist()`` with the flag
+    starts = (torch.sigmoid(seg_logits.float()).double() >= threshold).tolist()
     return segments_from_starts(starts, [-1] * len(starts))
 
 
@@ -49,13 +54,14 @@ def beam_search_ops(
 ) -> list[tuple[float, tuple[int, ...]]]:
     """Best op sequences (score, ops), one op per segment; ``op_log_probs[s][op]``.
 
-    Ties in score are broken by the op sequence itself, so decoding is deterministic.
+    Ties keep the order in which beams and ops were tried (the release's stable sort: parent
+    beam first, then the op's rank, equal log-probs in op order), so decoding is deterministic.
     """
     beams: list[tuple[float, tuple[int, ...]]] = [(0.0, ())]
     for log_probs in op_log_probs:
         ranked_ops = sorted(range(len(log_probs)), key=lambda op: (-log_probs[op], op))[:top_k_ops]
         grown = [(score + log_probs[op], ops + (op,)) for score, ops in beams for op in ranked_ops]
-        grown.sort(key=lambda beam: (-beam[0], beam[1]))
+        grown.sort(key=lambda beam: -beam[0])
         beams = grown[:beam_size]
     return beams
 
@@ -63,35 +69,31 @@ def beam_search_ops(
 def decode_programs(
     seg_logits: torch.Tensor, op_logits: torch.Tensor, config: DecodeConfig = DecodeConfig()
 ) -> list[Candidate]:
-    """Top programs for one question from ``seg_logits [D]`` and ``op_logits [D, 3]``.
-
-    If every beam skips every layer the full-depth program is returned, so a caller always gets
-    at least one runnable program.
+    """The release's top-``top_k_paths`` candidates for one question from ``seg_logits [D]`` and
+    ``op_logits [D, 3]``, best first; a candidate's program is empty when its beam skips every
+    layer. Distinct beams always give distinct programs (a program determines each segment's op).
     """
     boundaries = segment_boundaries(seg_logits, config.seg_threshold)
     log_probs = torch.log_softmax(op_logits.float(), dim=-1)
     per_segment = [log_probs[seg.start].tolist() for seg in boundaries]
     beams = beam_search_ops(per_segment, config.beam_size, config.top_k_ops)
+    rerank = config.len_penalty > 0  # the release ignores a penalty of 0 or below
     candidates: list[Candidate] = []
     for score, ops in beams:
         segments = tuple(Segment(s.start, s.size, op) for s, op in zip(boundaries, ops))
         program = segments_to_path(segments)
-        if program:
-            rank = score - config.len_penalty * len(program)
-            candidates.append(Candidate(program, score, rank, segments))
-    candidates.sort(key=lambda c: (-c.rank_score, -c.score))
-    distinct: list[Candidate] = []
-    seen: set[tuple[int, ...]] = set()
-    for candidate in candidates:
-        key = tuple(candidate.program)
-        if key not in seen:
-            seen.add(key)
-            distinct.append(candidate)
-    if not distinct:
-        depth = seg_logits.shape[-1]
-        keep_all = tuple(segments_from_starts([False] * depth, [KEEP] * depth))
-        distinct.append(Candidate(full_program(depth), float("-inf"), float("-inf"), keep_all))
-    return distinct[: config.top_k_paths]
+        rank = score - config.len_penalty * len(program) if rerank else score
+        candidates.append(Candidate(program, score, rank, segments))
+    if rerank:
+        candidates.sort(key=lambda c: -c.rank_score)  # stable: equal ranks keep the beam order
+    return candidates[: config.top_k_paths]
+
+
+def runnable_programs(candidates: list[Candidate], depth: int, top_k: int) -> list[Program]:
+    """The best ``top_k`` programs that can run: empty ones left out, and the full-depth program
+    when nothing else is left (deployment must answer; evaluation keeps the empty slots)."""
+    programs = [c.program for c in candidates if c.program][:top_k]
+    return programs or [full_program(depth)]
 
 
 def decode_batch(
@@ -143,5 +145,7 @@ def predict_programs(
     device = None if runner is None else str(runner.device)
     encoder = build_encoder(checkpoint.encoder, runner=runner, device=device, trust_remote_code=trust_remote_code)
     features = encode_cached(encoder, list(questions), cache_dir)
-    config = replace(decode or DecodeConfig(), top_k_paths=top_k)
-    return [[c.program for c in cands] for cands in predict_candidates(checkpoint.model, features, config)]
+    config = decode or DecodeConfig()
+    config = replace(config, top_k_paths=max(config.beam_size, top_k))  # every beam: empty ones are skipped
+    return [runnable_programs(cands, checkpoint.num_layers, top_k)
+            for cands in predict_candidates(checkpoint.model, features, config)]

@@ -265,8 +265,13 @@ class SelfEncoder:
         self.model_name = str(getattr(runner, "model_name", "") or getattr(runner.model.config, "_name_or_path", ""))
 
     def cache_key(self) -> str:
+        """Includes the dtype the base model runs in (``--dtype``): its states, and so the
+        features, differ between float32 and bfloat16 runs of the same model."""
         norm = ":rms" if self.rms_normalize else ""
-        return f"self:{self.model_name}:layer={self.layer}:max_length={self.max_length}:precision={self.precision}{norm}"
+        dtype = getattr(self.runner, "dtype", None)
+        model_dtype = f":model_dtype={str(dtype).removeprefix('torch.')}" if dtype is not None else ""
+        return (f"self:{self.model_name}:layer={self.layer}:max_length={self.max_length}"
+                f":precision={self.precision}{norm}{model_dtype}")
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> list[torch.Tensor]:

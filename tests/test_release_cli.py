@@ -241,6 +241,7 @@ SAME_WEIGHT_FLAGS = [
     ["--delete_checkpoint_after_eval"], ["--eval"], ["--feature_cache_dir", "elsewhere"],
     ["--tensorboard_dir", "tb"], ["--trust_remote_code"], ["--lenpref_beta", "0.2"], ["--warmup_steps", "10"],
     ["--original_path_weight", "0.3"], ["--nan_lr_backoff", "0.5"], ["--amp_dtype", "bf16"],
+    ["--dtype", "bfloat16"],  # the base model's dtype: no part of a hash-encoder training
 ]
 
 
@@ -275,6 +276,19 @@ def test_checkpoint_name_covers_every_flag_that_changes_the_weights(tiny_setup, 
         names.add(path)
     for flags in SAME_WEIGHT_FLAGS:
         assert job_for(tiny_setup, *flags).checkpoint_path() == base, flags
+
+
+def test_with_the_self_encoder_the_base_model_dtype_is_part_of_the_name(tiny_setup, parse_once):
+    """``--encoder self`` trains on the base model's own states: a bfloat16 run gives other
+    features than a float32 run, so it must not reuse the float32 checkpoint."""
+    names = {}
+    for dtype in (None, "float32", "bfloat16", "float16"):
+        flags = ["--encoder", "self", "--device", "cpu"] + (["--dtype", dtype] if dtype else [])
+        job = job_for(tiny_setup, *flags)
+        names[dtype] = job.checkpoint_path()
+        assert job.training_identity()["encoder"]["model_dtype"] == (dtype or "float32")
+    assert names[None] == names["float32"]  # on CPU the default dtype is float32
+    assert len({names["float32"], names["bfloat16"], names["float16"]}) == 3
 
 
 def test_checkpoint_name_covers_the_training_data(tiny_setup, tmp_path):
