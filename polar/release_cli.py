@@ -220,20 +220,40 @@ class Job:
     def checkpoint_dir(self) -> Path:
         return Path(self.args.save_dir) / "checkpoints" / self.model_dir
 
-    def eval_path(self, checkpoint: Path) -> Path:
-        """``eval_{checkpoint name}.json``: one report per evaluated checkpoint. An explicit
+    def eval_path(self, checkpoint: Path, evaluation: dict) -> Path:
+        """``eval_{checkpoint name}_{evaluation hash}.json``: one report per checkpoint and per set
+        of evaluation settings (:meth:`evaluation_identity`), so a sweep over decoding or
+        generation flags never overwrites another setting's report (the release's name covers
+        only some of them: beam size, top-k ops and a positive length penalty). An explicit
         ``--checkpoint_path`` also names the difficulties it is evaluated on, since its own name
         need not say."""
+        from polar.identity import identity_hash
         from polar.predictor import checkpoint_files
 
         a = self.args
         stem = checkpoint_files(checkpoint)[0].stem
         if a.checkpoint_path and not a.eval_dataset:
             stem += f"_diff{'all' if a.eval_all_diffs else a.target_diff}"
+        stem += f"_eval{identity_hash(evaluation)[:8]}"
         suffix = "_cache_breakdown" if a.eval_cache_breakdown else ""
         if a.eval_dataset:
             suffix += f"_{a.eval_dataset}"
         return Path(a.save_dir) / "eval" / self.model_dir / f"eval_{stem}{suffix}.json"
+
+    def evaluation_identity(self, scorer_settings: dict, decode: dict) -> dict:
+        """Every setting besides the checkpoint that changes an evaluation report: which test
+        questions, how programs are decoded, how they are run and judged, and whether the
+        release's pass@k trusts cached labels. Batch sizes and progress output do not count."""
+        a = self.args
+        return {
+            "scorer": scorer_settings,
+            "dtype": str(self.runner.dtype).removeprefix("torch."),
+            "decode": decode,
+            "questions": {"difficulties": None if a.eval_dataset else self.diffs, "num_samples": a.num_samples,
+                          "split_sizes": a.split_sizes, "no_validation": a.no_validation,
+                          "eval_dataset": a.eval_dataset, "eval_limit": a.eval_limit},
+            "trust_valid_cache": a.trust_valid_cache,
+        }
 
     # ---- identity of a training run
 
@@ -621,7 +641,7 @@ def eval_job(job: Job, checkpoint: Path | None = None) -> Path:
         "checkpoint_identity_hash": ckpt.meta.get("identity_hash"),
         "checkpoint_prompt_style": ckpt.meta.get("prompt_style"),
     }
-    report_path = job.eval_path(path)
+    report_path = job.eval_path(path, job.evaluation_identity(scorer.settings(), asdict(decode)))
     if num_shards > 1:
         report = _merge_if_complete(report_path, report, shard, num_shards, runner.num_layers)
         if report is None:

@@ -115,7 +115,7 @@ def test_end_to_end_train_then_eval_then_skip(tiny_setup, capsys):
     assert manifest["complete"] is True and manifest["identity_hash"] == name_hash
     assert manifest["identity"]["training"]["learning_rate"] == 5e-4 and manifest["flags"]["beam_size"] == 5
     (report_path,) = (root / "out" / "eval").rglob("eval_*.json")
-    assert report_path.name == f"eval_{ckpt.stem}.json"
+    assert re.fullmatch(rf"eval_{ckpt.stem}_eval[0-9a-f]{{8}}\.json", report_path.name)
     report = json.loads(report_path.read_text())
     overall = report["metrics"]["overall"]
     for key in ("pass_at_k", "pass_at_1", "vote_at_k", "baseline_accuracy", "mean_layers_top1",
@@ -339,7 +339,7 @@ def test_changed_flag_trains_anew_and_eval_of_a_foreign_checkpoint_warns(tiny_se
     out = capsys.readouterr().out
     assert "warning: checkpoint" in out and "other settings than these flags" in out
     assert "training.learning_rate: 0.0005 (checkpoint) vs 0.001 (these flags)" in out
-    assert (root / "out" / "eval" / "tiny-llama" / f"eval_{first.stem}_diff1.json").exists()
+    assert list((root / "out" / "eval" / "tiny-llama").glob(f"eval_{first.stem}_diff1_eval*.json"))
     # the same flags: no warning
     assert quick(tiny_setup, "--run_tag", "sweep", "--eval", "--checkpoint_path", str(first)) == 0
     assert "warning" not in capsys.readouterr().out
@@ -378,3 +378,23 @@ def test_checkpoint_named_without_a_hash_is_pointed_at_not_reused(tiny_setup, ca
     assert quick(tiny_setup, "--run_tag", "legacy") == 0
     out = capsys.readouterr().out
     assert f"note: {old} (named without a settings hash" in out and "saved predictor checkpoint" in out
+
+
+def test_evaluation_settings_name_their_own_report(tiny_setup, capsys):
+    """A sweep over evaluation flags keeps one report per setting: another --top_k_paths or
+    --max_new_tokens writes beside the first report; the same flags rewrite the same file."""
+    root, _, _ = tiny_setup
+    assert quick(tiny_setup, "--run_tag", "evalsweep") == 0
+    folder = root / "out" / "eval" / "tiny-llama"
+    (first,) = folder.glob("eval_*_evalsweep_*.json")
+    before = json.loads(first.read_text())
+    assert before["settings"]["decode"]["top_k_paths"] == 3
+    assert quick(tiny_setup, "--run_tag", "evalsweep", "--eval", "--top_k_paths", "1") == 0
+    assert quick(tiny_setup, "--run_tag", "evalsweep", "--eval", "--max_new_tokens", "2") == 0
+    reports = sorted(folder.glob("eval_*_evalsweep_*.json"))
+    assert len(reports) == 3
+    assert json.loads(first.read_text()) == before, "the first setting's report is untouched"
+    settings = {json.loads(r.read_text())["settings"]["decode"]["top_k_paths"] for r in reports}
+    assert settings == {1, 3}
+    assert quick(tiny_setup, "--run_tag", "evalsweep", "--eval") == 0
+    assert len(list(folder.glob("eval_*_evalsweep_*.json"))) == 3, "same flags: same report"
