@@ -461,11 +461,20 @@ def _is_safe(parsed: tuple) -> bool:
 
 
 _BRACKET = re.compile(r"[(\[{)\]}]")
+# ``1E999999999`` is one number token to math-verify's LaTeX grammar, and sympy turns it into an
+# exact Rational by building ``10**999999999`` in C, where no deadline can stop it (``1E9999999``
+# already takes minutes). Exponents this long are refused before parsing; MATH and GSM8K answers
+# never write scientific notation with more than a few exponent digits.
+_SCIENTIFIC_EXPONENT = re.compile(r"(?<=[\d.,])[eE][-+]?0*(\d+)")
+MAX_SCIENTIFIC_EXPONENT_DIGITS = 4
 
 
 def _worth_parsing(answer: str) -> bool:
-    """Short and shallow enough for math-verify (see MAX_ANSWER_CHARS, MAX_NESTING)."""
+    """Short, shallow and small enough for math-verify (see MAX_ANSWER_CHARS, MAX_NESTING,
+    MAX_SCIENTIFIC_EXPONENT_DIGITS)."""
     if len(answer) > MAX_ANSWER_CHARS:
+        return False
+    if any(len(m.group(1)) > MAX_SCIENTIFIC_EXPONENT_DIGITS for m in _SCIENTIFIC_EXPONENT.finditer(answer)):
         return False
     depth = deepest = 0
     for bracket in _BRACKET.findall(answer):
