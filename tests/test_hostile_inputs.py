@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import resource
 import socket
 import subprocess
@@ -401,6 +402,77 @@ def test_validate_huge_numbers_and_deep_nesting_fail_fast_in_bounded_memory(tmp_
         path.write_text("[" * 100_000 + "]" * 100_000)
         expected = ["JSON nested too deeply"]
     assert_one_line_error(validate(path), str(path), *expected, bound=10)
+
+
+SAMPLE = '{"question": "q", "gt_ans": "1", "final_valid_transitions": [[0, 1]]}'
+MALFORMED = {  # file text -> what the one error line must say (after the file name)
+    "negative index": (SAMPLE.replace("[[0, 1]]", "[[0, -1]]"), "final_valid_transitions[0] must be a non-empty list"),
+    "float index": (SAMPLE.replace("[[0, 1]]", "[[0, 1.0]]"), "final_valid_transitions[0] must be a non-empty list"),
+    "bool index": (SAMPLE.replace("[[0, 1]]", "[[0, 1], [0, true]]"), "final_valid_transitions[1] must be"),
+    "string index": (SAMPLE.replace("[[0, 1]]", '[[0, "1"]]'), "final_valid_transitions[0] must be"),
+    "null index": (SAMPLE.replace("[[0, 1]]", "[[0, null]]"), "final_valid_transitions[0] must be"),
+    "nested list": (SAMPLE.replace("[[0, 1]]", "[[0, [1]]]"), "final_valid_transitions[0] must be"),
+    "empty program": (SAMPLE.replace("[[0, 1]]", "[[0, 1], []]"), "final_valid_transitions[1] must be"),
+    "a program is not a list": (SAMPLE.replace("[[0, 1]]", "[[0, 1], 5]"), "final_valid_transitions[1] must be"),
+    "NaN score": (SAMPLE[:-1] + ', "initial_score": NaN}', "initial_score must be a finite number, got nan"),
+    "boolean score": (SAMPLE[:-1] + ', "initial_score": true}', "initial_score must be a number, got bool"),
+    "Infinity answer": (SAMPLE.replace('"1"', "Infinity"), "gt_ans must be text, got inf"),
+    "NaN question": (SAMPLE.replace('"q"', "NaN"), "question must be text, got nan"),
+    "empty question": (SAMPLE.replace('"q"', '"  "'), "sample 0: question is empty"),
+    "empty answer": (SAMPLE.replace('"1"', '""'), "sample 0: gt_ans is empty"),
+    "duplicate field": (SAMPLE[:-1] + ', "final_valid_transitions": [[0, 5]]}',
+                        "key 'final_valid_transitions' appears twice in one object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_sample_is_named_by_validate_and_training(tmp_path, capsys, case):
+    text, expected = MALFORMED[case]
+    path = tmp_path / "f.json"
+    path.write_text('{"metadata": {"num_layers": 6}, "samples": [%s]}' % text)
+    assert_one_line_error(call(polar_main, ["validate", path], capsys), str(path), expected, bound=10)
+    from polar.data import SupervisionError, load_samples
+
+    with pytest.raises(SupervisionError, match=re.escape(expected)):
+        load_samples(path)  # what training reads
+
+
+def test_duplicate_question_keys_would_drop_a_sample_and_are_refused(tmp_path, capsys):
+    path = tmp_path / "f.json"
+    path.write_text('{"q1": %s, "q1": %s}' % (SAMPLE, SAMPLE.replace('"q"', '"other"')))
+    assert_one_line_error(call(polar_main, ["validate", path], capsys), str(path), "key 'q1' appears twice")
+
+
+def test_a_byte_order_mark_is_read_as_utf8(tmp_path, capsys):
+    path = tmp_path / "f.json"
+    path.write_bytes(b"\xef\xbb\xbf" + ('{"metadata": {"num_layers": 6}, "samples": [%s]}' % SAMPLE).encode())
+    outcome = call(polar_main, ["validate", path], capsys)
+    assert outcome.code == 0 and f"{path}: ok" in outcome.out
+
+
+def test_bytes_that_are_not_utf8_are_named(tmp_path, capsys):
+    path = tmp_path / "f.json"
+    path.write_bytes(('{"samples": [%s]}' % SAMPLE.replace('"q"', '"caf_"')).encode().replace(b"_", b"\xe9"))
+    assert_one_line_error(call(polar_main, ["validate", path], capsys), str(path), "not UTF-8 text (byte")
+
+
+def test_unreadable_paths_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    loop = tmp_path / "loop.json"
+    loop.symlink_to(loop)
+    folder = tmp_path / "folder.json"
+    folder.mkdir()
+    for path, expected in ((loop, "cannot be read (Too many levels of symbolic links)"),
+                           (folder, "is a directory"), (tmp_path / "missing.json", "file not found")):
+        assert_one_line_error(call(polar_main, ["validate", path], capsys), str(path), expected)
+    # chmod 000 does not stop root, so the refusal is simulated at the read
+    locked = tmp_path / "locked.json"
+    locked.write_text("{}")
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    assert_one_line_error(call(polar_main, ["validate", locked], capsys), str(locked), "cannot be read (Permission denied)")
 
 
 def searchlike_paths(rng: random.Random, count: int, depth: int = 30) -> list[list[int]]:
