@@ -36,6 +36,7 @@ from polar.flags import (
     positive_int,
     probability,
     seed,
+    torch_device,
 )
 
 DIFFICULTIES = (1, 2, 3, 4, 5)
@@ -128,7 +129,7 @@ def add_release_arguments(parser: argparse.ArgumentParser) -> None:
                         help="plain, chat, chat_nothink (default: the checkpoint's, else per model)")
     extras.add_argument("--answer_mode", choices=("boxed", "lenient"), default="boxed")
     extras.add_argument("--fewshot", type=non_negative_int, default=0)
-    extras.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    extras.add_argument("--device", type=torch_device, default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     extras.add_argument("--dtype", default=None, help="base model dtype (default: bf16 on GPU, fp32 on CPU)")
     extras.add_argument("--shard", default=None, metavar="i/n",
                         help="evaluate question shard i of n (default: RANK/WORLD_SIZE from torchrun, else 0/1); "

@@ -585,6 +585,19 @@ def test_a_meaningless_number_is_a_one_line_error(command, flag, value, capsys):
     assert_one_line_error(outcome, f"argument {flag}", value, "(see", bound=5)
 
 
+DEVICE_CASES = [(command, value) for command in ("search", "run", "demo", "run_polar.py")
+                for value in ("nonsense", "mps", "cuda:99")]
+
+
+@pytest.mark.parametrize("command,value", DEVICE_CASES)
+def test_a_device_this_machine_lacks_is_a_one_line_error(command, value, capsys):
+    # was: a RuntimeError / AssertionError traceback after the model had loaded
+    base = [] if command == "run_polar.py" else [command]
+    main = release_main if command == "run_polar.py" else polar_main
+    outcome = call(main, [*base, *REQUIRED[command], "--device", value], capsys)
+    assert_one_line_error(outcome, "argument --device", value, bound=5)
+
+
 def test_train_and_eval_share_the_checks(capsys):
     for command in ("train", "eval"):
         outcome = call(polar_main, [command, "--target_diff", 1, "--beam_size", 0], capsys)

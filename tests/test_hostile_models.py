@@ -462,3 +462,29 @@ def test_what_counts_as_a_local_path(name, is_path):
     from polar.model_files import looks_like_path
 
     assert looks_like_path(name) is is_path
+
+
+# --------------------------------------------------------------------------- sizes the machine cannot hold
+
+
+@pytest.mark.parametrize("command", ["run", "search"])
+def test_a_token_budget_beyond_the_context_is_refused(tiny_model_dir, tmp_path, capsys, command):
+    # The engine sizes KV caches for the whole budget: 10^11 tokens ended in the allocator.
+    if command == "run":
+        argv = [*run_args(tiny_model_dir)[:-2], "--max_new_tokens", "100000000000"]
+    else:
+        argv = ["search", "--model_path", str(tiny_model_dir), "--dataset", "math", "--target_diff", "1",
+                "--limit", "1", "--num_simulations", "2", "--max_new_tokens", "100000", "--device", "cpu",
+                "--no_progress", "--out", str(tmp_path / "out")]
+    line = refused(capsys, *argv)
+    assert "argument --max_new_tokens" in line and "1024 positions" in line
+    assert not list((tmp_path / "out").rglob("*.json"))  # nothing written
+
+
+def test_an_impossible_allocation_is_one_line_naming_memory(tiny_model_dir, tmp_path, capsys):
+    write_supervision(tmp_path / "data", tiny_model_dir)
+    line = refused(capsys, "train", "--model_path", str(tiny_model_dir), "--data_root", str(tmp_path / "data"),
+                   "--target_diff", "1", "--split_sizes", "2,1", "--num_samples", "1", "--encoder", "hash",
+                   "--save_dir", str(tmp_path / "out"), "--device", "cpu", "--no_progress",
+                   "--polar_d_model", "1000000000", "--polar_heads", "1")
+    assert line.startswith("error: out of memory") and "model width" in line

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from polar.distributed import default_device, parse_shard
-from polar.flags import finite_float, non_negative_float, non_negative_int, positive_float, positive_int, probability, seed
+from polar.flags import (
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    seed,
+    torch_device,
+)
 
 DATASETS = ("dart", "math", "gsm8k", "math500", "asdiv", "mawps", "svamp")
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -48,7 +57,7 @@ def register(subparsers: Any) -> None:
                    help="questions searched at once (default: batch_size)")
     p.add_argument("--seed", type=seed, default=42,
                    help="search RNG seed (the release reseeds 42 for every question; default: 42)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
+    p.add_argument("--device", type=torch_device, default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--min_length", type=positive_int, default=None, help="shortest allowed program (default: per model)")
     p.add_argument("--max_length", type=positive_int, default=None, help="longest allowed program (default: per model)")
