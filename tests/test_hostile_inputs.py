@@ -634,6 +634,19 @@ def test_real_processes_stop_fast_in_bounded_memory(argv, fragment):
     assert_one_line_error(outcome, fragment, bound=10)
 
 
+@pytest.mark.parametrize("program", ["+5", "1_0", "\u0663", "0--5", "9" * 5000, "0-5,", "[1.0]", "[true]", "[[1]]"])
+def test_a_program_that_is_not_layer_indices_is_refused_before_loading(program, capsys):
+    # int() read "+5" as 5, "1_0" as 10 and an Arabic-Indic three as 3; 5,000 digits raised
+    # Python's int-string limit without naming the program
+    outcome = call(polar_main, ["run", "--question", "q", "--program", program], capsys)
+    assert_one_line_error(outcome, "program", bound=5)
+
+
+def test_an_empty_question_is_refused_before_loading(capsys):
+    outcome = call(polar_main, ["run", "--question", "  ", "--program", "0-3"], capsys)
+    assert_one_line_error(outcome, "argument --question: the question is empty", bound=5)
+
+
 def test_run_polar_process_refuses_zero_epochs():
     outcome = run_process("--target_diff", "1", "--num_epochs", "0", entry="run_polar.py", timeout=30)
     assert_one_line_error(outcome, "run_polar.py: error: argument --num_epochs: expected a positive integer, got 0")

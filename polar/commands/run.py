@@ -42,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from polar.programs import format_program, parse_program
 
+    if not args.question.strip():
+        raise ValueError("argument --question: the question is empty")
     if not args.checkpoint and args.program.strip().lower() not in ("full", "all"):
         parse_program(args.program)  # a malformed program fails before torch and the model load
 
