@@ -36,6 +36,27 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
+def check_writable_dir(path: str | os.PathLike, flag: str) -> Path:
+    """Raise ``DataError`` unless ``path`` is, or can be created as, a folder we can write in.
+
+    Jobs write their results at the end (a checkpoint after training, an evaluation after every
+    program has run), so an output folder that cannot be written must stop the job at its start,
+    not after hours of work. Nothing is left behind: the check creates and removes a folder in
+    the deepest part of ``path`` that exists.
+    """
+    path = Path(path).expanduser()
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DataError(f"argument {flag}: cannot write in {path} ({existing} is not a folder)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".polar-write-check.", dir=existing))
+    except OSError as err:
+        raise DataError(f"argument {flag}: cannot write in {path} ({err.strerror or err})") from None
+    return path
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temp file + rename (atomic on POSIX)."""
     path = Path(path)

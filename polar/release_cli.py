@@ -38,6 +38,7 @@ from polar.flags import (
     seed,
     torch_device,
 )
+from polar.io import check_writable_dir
 
 DIFFICULTIES = (1, 2, 3, 4, 5)
 DEFAULT_MODEL = "meta-llama/Llama-3.2-3B-Instruct"
@@ -656,7 +657,7 @@ def _merge_if_complete(eval_path: Path, report: dict, shard: int, num_shards: in
 
 def run_release(args: argparse.Namespace) -> int:
     """``run_polar.py``: train (unless --eval) and evaluate."""
-    job = Job(args, log=_log)
+    job = _start_job(args)
     checkpoint = None if args.eval else train_job(job)
     eval_job(job, checkpoint)
     return 0
@@ -664,14 +665,21 @@ def run_release(args: argparse.Namespace) -> int:
 
 def train_command(args: argparse.Namespace) -> int:
     """``polar train``: training only."""
-    train_job(Job(args, log=_log))
+    train_job(_start_job(args))
     return 0
 
 
 def eval_command(args: argparse.Namespace) -> int:
     """``polar eval``: evaluation only."""
-    eval_job(Job(args, log=_log))
+    eval_job(_start_job(args))
     return 0
+
+
+def _start_job(args: argparse.Namespace) -> Job:
+    """The job of a command; its output folder is checked first (results are written last)."""
+    job = Job(args, log=_log)
+    check_writable_dir(job.args.save_dir, "--save_dir")
+    return job
 
 
 def _log(message: str) -> None:

@@ -647,6 +647,22 @@ def test_an_empty_question_is_refused_before_loading(capsys):
     assert_one_line_error(outcome, "argument --question: the question is empty", bound=5)
 
 
+@pytest.mark.parametrize("command", ["search", "demo", "train", "eval", "run_polar.py"])
+def test_an_output_folder_that_cannot_be_written_stops_the_job_at_its_start(tmp_path, command, capsys):
+    # training ran an epoch (or all of them) before its first write failed with a bare OSError
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "results"
+    flag = "--out" if command in ("search", "demo") else "--save_dir"
+    argv = {"search": ["search", "--limit", 1], "demo": ["demo"], "train": ["train", "--target_diff", 1],
+            "eval": ["eval", "--target_diff", 1], "run_polar.py": ["--target_diff", 1]}[command]
+    main = release_main if command == "run_polar.py" else polar_main
+    outcome = call(main, [*argv, flag, out, "--data_root" if flag == "--save_dir" else "--seed",
+                          tmp_path / "no-data" if flag == "--save_dir" else 1], capsys)
+    assert_one_line_error(outcome, f"argument {flag}: cannot write in {out}", f"{blocker} is not a folder", bound=10)
+    assert not any(p != blocker for p in tmp_path.iterdir())
+
+
 def test_run_polar_process_refuses_zero_epochs():
     outcome = run_process("--target_diff", "1", "--num_epochs", "0", entry="run_polar.py", timeout=30)
     assert_one_line_error(outcome, "run_polar.py: error: argument --num_epochs: expected a positive integer, got 0")

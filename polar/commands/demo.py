@@ -58,6 +58,9 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from polar.demo import DemoConfig, run_demo
+    from polar.io import check_writable_dir
+
+    check_writable_dir(args.out, "--out")
 
     if args.threads is not None:
         import torch

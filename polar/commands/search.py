@@ -122,12 +122,13 @@ def resolve_prompt_style(style: str | None, model_path: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from polar.distributed import join_group, leave_group, wait_for_all_ranks
-    from polar.io import run_metadata
+    from polar.io import check_writable_dir, run_metadata
     from polar.data import model_dir_name
     from polar.search import SearchConfig, merge_shards, run_shard, task_name
 
     if args.min_length is not None and args.max_length is not None and args.min_length > args.max_length:
         raise ValueError(f"argument --min_length: {args.min_length} is above --max_length {args.max_length}")
+    check_writable_dir(args.out, "--out")  # results are written as questions finish: fail before the first
     shard, num_shards = parse_shard(args.shard)
     pool_kind = args.dataset if args.dataset in DATASETS else "dart"  # a local pool file is the DART pool
     task_dir = Path(args.out) / model_dir_name(args.model_path) / task_name(pool_kind, args.target_diff)
