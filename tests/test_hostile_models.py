@@ -374,7 +374,16 @@ def _huge_manifest(weights: Path) -> None:
     manifest.write_text(json.dumps(meta))
 
 
+def _rewrite_tensors(weights: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    save_file({name: change(name, t) for name, t in tensors.items()}, str(weights))
+
+
 CHECKPOINT_DAMAGE = {
+    "integer weights": lambda w: _rewrite_tensors(w, lambda n, t: t.to(torch.int32) if t.dim() == 2 else t),
+    "NaN weights": lambda w: _rewrite_tensors(w, lambda n, t: t * float("nan")),
     "truncated weights": lambda w: _truncate(w),
     "garbage weights": lambda w: w.write_bytes(b"\x07" * 4096),
     "manifest not JSON": lambda w: w.with_suffix(".json").write_text("{"),
@@ -390,6 +399,50 @@ def test_a_damaged_checkpoint_is_named(tiny_model_dir, tmp_path, capsys, damage)
     line = refused(capsys, "run", "--checkpoint", str(weights), "--model_path", str(tiny_model_dir),
                    "--question", "What is 1 + 1?", "--device", "cpu")
     without_paths(line, tmp_path, weights.with_suffix(""))
+
+
+def _drop_tensor(folder: Path) -> None:
+    _rewrite_model(folder, lambda tensors: {k: v for k, v in tensors.items() if "layers.3.mlp.up_proj" not in k})
+
+
+def _integer_embedding(folder: Path) -> None:
+    _rewrite_model(folder, lambda tensors: {k: v.to(torch.int32) if "embed" in k else v for k, v in tensors.items()})
+
+
+def _rewrite_model(folder: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    save_file(change(load_file(str(folder / "model.safetensors"))), str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+MODEL_DAMAGE = {  # damage -> words the one error line must hold; all of these used to run (exit 0)
+    "a layer weight missing": (_drop_tensor, "lack model.layers.3.mlp.up_proj.weight"),
+    "integer weights": (_integer_embedding, "model.embed_tokens.weight is stored as I32"),
+    "garbage tokenizer.json": (lambda f: (f / "tokenizer.json").write_text("garbage{{{"), "tokenizer"),
+    "tokenizer.json nested too deeply": (lambda f: (f / "tokenizer.json").write_text("[" * 100_000), "tokenizer"),
+}
+
+
+@pytest.mark.parametrize("damage", MODEL_DAMAGE)
+def test_a_model_folder_that_would_run_with_wrong_weights_is_named(model_copy, tmp_path, capsys, damage):
+    folder = model_copy()
+    change, words = MODEL_DAMAGE[damage]
+    change(folder)
+    line = refused(capsys, *run_args(folder))
+    assert words in without_paths(line, tmp_path, folder)
+
+
+def test_an_encoder_only_model_is_refused_as_not_decoder_only(tiny_model_dir, tmp_path, capsys):
+    from transformers import BertConfig, BertForMaskedLM
+
+    folder = tmp_path / "bert"
+    BertForMaskedLM(BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    line = refused(capsys, *run_args(folder))
+    assert "not a decoder-only LM" in without_paths(line, tmp_path, folder)
 
 
 # --------------------------------------------------------------------------- questions
