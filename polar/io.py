@@ -24,7 +24,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """``(line number, parsed row)`` for each non-blank line of a JSONL file; invalid JSON or text
     that is not UTF-8 is a :class:`polar.errors.DataError` naming the file and line."""
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:  # -sig: a byte-order mark some editors write is skipped
             for line_no, line in enumerate(handle, 1):
                 if not line.strip():
                     continue
@@ -32,6 +32,8 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                     yield line_no, json.loads(line)
                 except json.JSONDecodeError as err:
                     raise DataError(f"{path}: line {line_no}: invalid JSON ({err.msg})") from None
+                except RecursionError:
+                    raise DataError(f"{path}: line {line_no}: JSON nested too deeply") from None
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 

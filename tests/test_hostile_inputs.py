@@ -475,6 +475,34 @@ def test_unreadable_paths_are_one_line_errors(tmp_path, capsys, monkeypatch):
     assert_one_line_error(call(polar_main, ["validate", locked], capsys), str(locked), "cannot be read (Permission denied)")
 
 
+POOL_ROW = '{"query": "What is 1+1?", "gt_ans": "2", "query_id": %d, "query_metadata": {"level": 1}}'
+POOLS = {  # file name, text -> the one error line's words
+    "bad line in the middle": ("pool.jsonl", "\n".join([POOL_ROW % 0, POOL_ROW % 1, '{"query": broken', POOL_ROW % 2]),
+                               "pool.jsonl: line 3: invalid JSON"),
+    "deep nesting in a line": ("pool.jsonl", POOL_ROW % 0 + "\n" + "[" * 100_000 + "]" * 100_000,
+                               "pool.jsonl: line 2: JSON nested too deeply"),
+    "deep nesting in a .json": ("pool.json", "[" * 100_000 + "]" * 100_000, "pool.json: JSON nested too deeply"),
+    "empty": ("pool.jsonl", "", "argument --dataset", "holds no questions of difficulty 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(POOLS))
+def test_a_bad_question_pool_is_named_before_the_model_loads(tmp_path, capsys, case):
+    name, text, *words = POOLS[case]
+    pool = tmp_path / name
+    pool.write_text(text)
+    outcome = call(polar_main, ["search", "--dataset", pool, "--target_diff", 1, "--out", tmp_path / "out"], capsys)
+    assert_one_line_error(outcome, *words, bound=10)
+
+
+def test_a_question_pool_with_a_byte_order_mark_is_read(tmp_path):
+    from polar.io import iter_jsonl
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_bytes(b"\xef\xbb\xbf" + (POOL_ROW % 7).encode() + b"\n")
+    assert list(iter_jsonl(pool)) == [(1, json.loads(POOL_ROW % 7))]
+
+
 def searchlike_paths(rng: random.Random, count: int, depth: int = 30) -> list[list[int]]:
     """Programs as search writes them: the full program after a few skips and block repeats, no
     layer more than twice."""

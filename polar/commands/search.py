@@ -140,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
     prompt_style = resolve_prompt_style(args.prompt_style, args.model_path)
     questions = load_question_list(args.dataset, args.target_diff, args.offset, args.limit)
     if not questions:
+        if args.offset == 0:
+            raise ValueError(f"argument --dataset: {args.dataset} holds no questions"
+                             + (f" of difficulty {args.target_diff}" if args.target_diff else ""))
         raise ValueError(f"argument --offset: {args.offset} is past the last question of {args.dataset}")
     resume_key = {
         "model_path": args.model_path, "dataset": args.dataset, "target_diff": args.target_diff,
