@@ -39,7 +39,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(func, args) -> int:
-    """Call a command function, turning user-facing errors into a one-line message."""
+    """Call a command function, turning user-facing errors into a one-line message.
+
+    Besides polar's own errors, two kinds of failure come from the user's environment or numbers
+    rather than from a bug, and get one line too: a file the system will not give us (no
+    permission, a read-only or full disk, a symlink loop; ``OSError`` names the path), and an
+    allocation a size flag made impossible (``--polar_d_model 1000000000``).
+    """
     from polar.errors import PolarError
 
     try:
@@ -47,9 +53,28 @@ def run_command(func, args) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
         return 130
-    except (PolarError, ValueError, FileNotFoundError, NotADirectoryError) as err:
+    except (PolarError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as err:
+        if not _is_out_of_memory(err):
+            raise
+        print(f"error: out of memory ({_first_line(err) or type(err).__name__}); a size or count flag "
+              "(batch size, model width, token budget) asks for more than this machine has", file=sys.stderr)
+        return 2
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    """A failed allocation: ``MemoryError``, or torch's CPU/GPU allocator giving up."""
+    if isinstance(err, MemoryError):
+        return True
+    text = str(err)
+    return type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in text or "out of memory" in text
 
 
 if __name__ == "__main__":

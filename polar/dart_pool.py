@@ -116,11 +116,13 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: invalid JSON at line {err.lineno} ({err.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to be a question pool") from None
     if isinstance(data, dict) and isinstance(data.get("train"), list):
         data = data["train"]
     if not isinstance(data, list):

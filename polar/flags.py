@@ -88,3 +88,29 @@ positive_float = float_range(0.0, low_open=True, what="a positive finite number"
 non_negative_float = float_range(0.0, what="a non-negative finite number")
 finite_float = float_range(what="a finite number")
 probability = float_range(0.0, 1.0, what="a probability in [0, 1]")
+
+
+def torch_device(text: str) -> str:
+    """A torch device this machine has: ``cpu``, ``cuda`` or ``cuda:N`` (N below the GPU count), or ``auto``.
+
+    Checked when the flag is read, so a typo or a GPU the machine lacks is one line naming the
+    flag rather than a traceback after the model has loaded.
+    """
+    import torch
+
+    if text == "auto":  # as the Python API: cuda when available, else cpu
+        return text
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    if parsed.type == "cpu":
+        return text
+    if parsed.type != "cuda":
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available here (use --device cpu)")
+    count = torch.cuda.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s), cuda:0-cuda:{count - 1}")
+    return text

@@ -24,7 +24,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """``(line number, parsed row)`` for each non-blank line of a JSONL file; invalid JSON or text
     that is not UTF-8 is a :class:`polar.errors.DataError` naming the file and line."""
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:  # -sig: a byte-order mark some editors write is skipped
             for line_no, line in enumerate(handle, 1):
                 if not line.strip():
                     continue
@@ -32,8 +32,31 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                     yield line_no, json.loads(line)
                 except json.JSONDecodeError as err:
                     raise DataError(f"{path}: line {line_no}: invalid JSON ({err.msg})") from None
+                except RecursionError:
+                    raise DataError(f"{path}: line {line_no}: JSON nested too deeply") from None
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def check_writable_dir(path: str | os.PathLike, flag: str) -> Path:
+    """Raise ``DataError`` unless ``path`` is, or can be created as, a folder we can write in.
+
+    Jobs write their results at the end (a checkpoint after training, an evaluation after every
+    program has run), so an output folder that cannot be written must stop the job at its start,
+    not after hours of work. Nothing is left behind: the check creates and removes a folder in
+    the deepest part of ``path`` that exists.
+    """
+    path = Path(path).expanduser()
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DataError(f"argument {flag}: cannot write in {path} ({existing} is not a folder)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".polar-write-check.", dir=existing))
+    except OSError as err:
+        raise DataError(f"argument {flag}: cannot write in {path} ({err.strerror or err})") from None
+    return path
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

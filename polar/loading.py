@@ -65,7 +65,10 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from err
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -124,8 +127,9 @@ def _load_pretrained(where: str, dtype: torch.dtype, common: dict, source: str, 
             f"{source}: {type(config).__name__} is an encoder-decoder model; polar runs decoder-only LMs"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=dtype, attn_implementation="sdpa", use_safetensors=not extra, **common, **extra
+        model, info = AutoModelForCausalLM.from_pretrained(
+            where, dtype=dtype, attn_implementation="sdpa", use_safetensors=not extra, output_loading_info=True,
+            **common, **extra
         )
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
@@ -134,7 +138,18 @@ def _load_pretrained(where: str, dtype: torch.dtype, common: dict, source: str, 
                 "polar runs decoder-only LMs"
             ) from None
         raise
-    tokenizer = AutoTokenizer.from_pretrained(where, **common, **extra)
+    missing = sorted(set(info.get("missing_keys") or ()))
+    if missing:  # transformers would run them with random weights: silently wrong answers
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ModelFileError(f"{source}: its weight files lack {missing[0]}{more}; transformers would fill "
+                             "them with random values, so the files are incomplete or for another model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **common, **extra)
+    except OSError:
+        raise  # missing files: for a hub id the next source is tried
+    except Exception as err:  # tokenizers' own exceptions, JSON errors, ...
+        raise ModelFileError(f"{source}: cannot read its tokenizer files (tokenizer.json / tokenizer_config.json: "
+                             f"{first_line(err)})") from None
     return LoadedModel(model, tokenizer, source)
 
 
@@ -233,9 +248,22 @@ def _save_dequantized(loaded: LoadedModel, directory: Path) -> None:
 
 
 def _check_decoder_only(model: Any, name: str) -> None:
+    """The structure the engine runs (decoder layers in ``model.model.layers`` between an
+    embedding and a final norm, then ``lm_head``), checked here so the error names the model:
+    an encoder-only model (BERT, RoBERTa) has a causal-LM class in transformers, but no such list."""
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(f"{name}: encoder-decoder models are not supported")
+        raise UnsupportedModelError(f"{name}: encoder-decoder models are not supported; polar runs decoder-only LMs")
+    backbone = getattr(model, "model", None)
+    parts = ("layers", "embed_tokens", "norm", "rotary_emb")
+    if not isinstance(getattr(backbone, "layers", None), torch.nn.ModuleList) or not all(
+        hasattr(backbone, part) for part in parts
+    ) or not hasattr(model, "lm_head"):
+        raise UnsupportedModelError(
+            f"{name}: {type(model).__name__} ({getattr(config, 'model_type', '?')}) is not a decoder-only LM "
+            "with a list of decoder layers (model.layers, embed_tokens, norm, rotary_emb, lm_head); "
+            "polar runs decoder-only LMs such as Llama, Qwen, Mistral"
+        )
 
 
 def model_depth(name_or_path: str, cache_dir: str | None = None) -> int:

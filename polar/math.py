@@ -30,6 +30,7 @@ linear time (no regex that can backtrack quadratically), answers longer than
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import math
@@ -41,11 +42,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
 from fractions import Fraction
-from functools import lru_cache
 from typing import Any
 
 ANSWER_MODES = ("boxed", "lenient")
@@ -354,6 +354,15 @@ def _raise_deadline(signum: int, frame: Any) -> None:
     raise _Deadline()
 
 
+def _drop_deadline(unraisable: Any, forward: Callable[[Any], None]) -> None:
+    """``sys.unraisablehook`` while an alarm runs: a deadline that fires inside a finaliser or a
+    garbage-collection callback cannot propagate, and Python would print it as "Exception ignored
+    in ..." on the user's terminal. It is dropped (the repeating timer fires again in the check
+    itself); anything else goes to the hook that was installed before."""
+    if not isinstance(unraisable.exc_value, _Deadline):
+        forward(unraisable)
+
+
 @contextmanager
 def _alarm(seconds: float) -> Iterator[None]:
     """Interrupt the block after ``seconds`` (main thread only).
@@ -362,6 +371,8 @@ def _alarm(seconds: float) -> Iterator[None]:
     interrupted again. An outer timer that was running is restored afterwards.
     """
     old_handler = signal.signal(signal.SIGALRM, _raise_deadline)
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = functools.partial(_drop_deadline, forward=old_hook)
     outer_left, _ = signal.setitimer(signal.ITIMER_REAL, seconds, 0.05)
     started = time.monotonic()
     try:
@@ -369,6 +380,7 @@ def _alarm(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old_handler)
+        sys.unraisablehook = old_hook
         if outer_left > 0:
             remaining = outer_left - (time.monotonic() - started)
             signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-3))
@@ -391,7 +403,7 @@ def _parse_uncached(answer: str) -> tuple:
     return tuple(parse(f"${answer}$", parsing_timeout=None))
 
 
-_parse_cached = lru_cache(maxsize=65536)(_parse_uncached)
+_parse_cached = functools.lru_cache(maxsize=65536)(_parse_uncached)
 
 
 def _log10_bound(expr: Any) -> float:
@@ -461,11 +473,20 @@ def _is_safe(parsed: tuple) -> bool:
 
 
 _BRACKET = re.compile(r"[(\[{)\]}]")
+# ``1E999999999`` is one number token to math-verify's LaTeX grammar, and sympy turns it into an
+# exact Rational by building ``10**999999999`` in C, where no deadline can stop it (``1E9999999``
+# already takes minutes). Exponents this long are refused before parsing; MATH and GSM8K answers
+# never write scientific notation with more than a few exponent digits.
+_SCIENTIFIC_EXPONENT = re.compile(r"(?<=[\d.,])[eE][-+]?0*(\d+)")
+MAX_SCIENTIFIC_EXPONENT_DIGITS = 4
 
 
 def _worth_parsing(answer: str) -> bool:
-    """Short and shallow enough for math-verify (see MAX_ANSWER_CHARS, MAX_NESTING)."""
+    """Short, shallow and small enough for math-verify (see MAX_ANSWER_CHARS, MAX_NESTING,
+    MAX_SCIENTIFIC_EXPONENT_DIGITS)."""
     if len(answer) > MAX_ANSWER_CHARS:
+        return False
+    if any(len(m.group(1)) > MAX_SCIENTIFIC_EXPONENT_DIGITS for m in _SCIENTIFIC_EXPONENT.finditer(answer)):
         return False
     depth = deepest = 0
     for bracket in _BRACKET.findall(answer):

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 NOT_WEIGHTS = ("training_args.bin",)  # pickles a checkout may hold that no loader reads
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})  # safetensors dtype names
 _HUB_ID = re.compile(r"^[A-Za-z0-9_](?:[\w.-]*[\w])?(?:/[A-Za-z0-9_](?:[\w.-]*[\w])?)?$")
 _FILE_SUFFIXES = (".gguf", ".safetensors", ".json") + PICKLE_SUFFIXES
 TRUST_FLAG = "--trust_remote_code"
@@ -282,12 +283,21 @@ def check_shapes(folder: Path, headers: dict[Path, dict[str, Any]], what: str, t
             expected = auto.from_config(config, trust_remote_code=trust_remote_code).state_dict()
     except Exception:  # unbuildable or unusual configs: the real load reports them, naming the folder
         return
+    quantized = getattr(config, "quantization_config", None) is not None
     for file, header in headers.items():
         for name, info in header.items():
-            if name in expected and isinstance(info, dict) and list(expected[name].shape) != info.get("shape"):
+            if name not in expected or not isinstance(info, dict):
+                continue
+            if list(expected[name].shape) != info.get("shape"):
                 raise ModelFileError(
                     f"{folder / 'config.json'}: {name} has shape {list(expected[name].shape)} by this config, "
                     f"but {file.name} holds {info.get('shape')}; the folder's config and weights do not belong together"
+                )
+            if expected[name].is_floating_point() and not quantized and info.get("dtype") not in FLOAT_DTYPES:
+                # transformers would cast the integers to floats: a model that runs and answers nonsense
+                raise ModelFileError(
+                    f"{file}: {name} is stored as {info.get('dtype')}, but this {what}'s weights are floating point "
+                    f"({', '.join(sorted(FLOAT_DTYPES))}) and its config declares no quantization"
                 )
 
 

@@ -283,6 +283,14 @@ def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
     from polar.model_files import first_line
 
     try:
-        return load_file(str(weights))
+        tensors = load_file(str(weights))
     except (SafetensorError, RuntimeError, OSError) as err:
         raise CheckpointError(f"{weights}: unreadable weights ({first_line(err)})") from None
+    for name, tensor in tensors.items():
+        # load_state_dict would cast integers into the float parameters; NaN or inf weights (a
+        # diverged run) decode the same nonsense program for every question
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{weights}: {name} is stored as {tensor.dtype}, not floating point")
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{weights}: {name} holds NaN or infinite values (did training diverge?)")
+    return tensors

@@ -14,6 +14,7 @@ training target.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import NamedTuple
@@ -46,6 +47,9 @@ class Segment(NamedTuple):
 def full_program(num_layers: int) -> Program:
     """The model as shipped: every layer once, in order."""
     return list(range(num_layers))
+
+
+_DIGITS = re.compile(r"[0-9]+")
 
 
 def parse_program(text: str | Sequence[int], num_layers: int | None = None) -> Program:
@@ -82,13 +86,15 @@ def parse_program(text: str | Sequence[int], num_layers: int | None = None) -> P
                 if not part:
                     raise ValueError(f"program {_short(text)} has an empty item")
                 lo, sep, hi = part.partition("-")
-                try:
-                    a = int(lo)
-                    b = int(hi) if sep else a
-                except ValueError:
+                # ASCII digits only: int() would also read "+5", "1_0" (10) and other scripts' digits;
+                # more than 20 digits is no layer index, and int() refuses past 4,300 anyway
+                ends = (lo.strip(), hi.strip()) if sep else (lo.strip(),)
+                if not all(_DIGITS.fullmatch(end) and len(end) <= 20 for end in ends):
                     raise ValueError(
                         f"program {_short(text)}: {part[:30]!r} is not a layer index or a range like 3-7"
-                    ) from None
+                    )
+                a = int(ends[0])
+                b = int(ends[-1])
                 _check_range(a, b, len(program), num_layers, text, None if part == stripped else part)
                 if len(program) + abs(b - a) + 1 > MAX_PROGRAM_LENGTH:
                     raise ValueError(f"program {_short(text)} is longer than {MAX_PROGRAM_LENGTH} layers")

@@ -36,7 +36,9 @@ from polar.flags import (
     positive_int,
     probability,
     seed,
+    torch_device,
 )
+from polar.io import check_writable_dir
 
 DIFFICULTIES = (1, 2, 3, 4, 5)
 DEFAULT_MODEL = "meta-llama/Llama-3.2-3B-Instruct"
@@ -128,7 +130,7 @@ def add_release_arguments(parser: argparse.ArgumentParser) -> None:
                         help="plain, chat, chat_nothink (default: the checkpoint's, else per model)")
     extras.add_argument("--answer_mode", choices=("boxed", "lenient"), default="boxed")
     extras.add_argument("--fewshot", type=non_negative_int, default=0)
-    extras.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    extras.add_argument("--device", type=torch_device, default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     extras.add_argument("--dtype", default=None, help="base model dtype (default: bf16 on GPU, fp32 on CPU)")
     extras.add_argument("--shard", default=None, metavar="i/n",
                         help="evaluate question shard i of n (default: RANK/WORLD_SIZE from torchrun, else 0/1); "
@@ -686,7 +688,7 @@ def _merge_if_complete(eval_path: Path, report: dict, shard: int, num_shards: in
 
 def run_release(args: argparse.Namespace) -> int:
     """``run_polar.py``: train (unless --eval) and evaluate."""
-    job = Job(args, log=_log)
+    job = _start_job(args)
     checkpoint = None if args.eval else train_job(job)
     eval_job(job, checkpoint)
     return 0
@@ -694,14 +696,21 @@ def run_release(args: argparse.Namespace) -> int:
 
 def train_command(args: argparse.Namespace) -> int:
     """``polar train``: training only."""
-    train_job(Job(args, log=_log))
+    train_job(_start_job(args))
     return 0
 
 
 def eval_command(args: argparse.Namespace) -> int:
     """``polar eval``: evaluation only."""
-    eval_job(Job(args, log=_log))
+    eval_job(_start_job(args))
     return 0
+
+
+def _start_job(args: argparse.Namespace) -> Job:
+    """The job of a command; its output folder is checked first (results are written last)."""
+    job = Job(args, log=_log)
+    check_writable_dir(job.args.save_dir, "--save_dir")
+    return job
 
 
 def _log(message: str) -> None:

@@ -31,6 +31,21 @@ class QuestionLike(Protocol):
     answer: str
 
 
+def check_max_new_tokens(runner: Any, max_new_tokens: int) -> None:
+    """Refuse a token budget beyond the model's context (``max_position_embeddings``).
+
+    The engine sizes each sequence's KV cache for the whole budget up front, so an absurd
+    ``--max_new_tokens`` would end deep inside the allocator (``can't allocate 12800000020224
+    bytes``) instead of naming the flag; and past the context the model has never seen a position.
+    Runners without a config (test doubles) are not checked.
+    """
+    context = getattr(getattr(runner, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and context > 0 and max_new_tokens > context:
+        raise ValueError(f"argument --max_new_tokens: {max_new_tokens} is beyond the context of "
+                         f"{getattr(runner, 'model_name', 'the model')} ({context} positions, "
+                         "max_position_embeddings in its config)")
+
+
 @dataclass(frozen=True)
 class Outcome:
     """The result of running one program on one question."""
@@ -66,6 +81,7 @@ class ProgramScorer:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if answer_mode not in ("boxed", "lenient"):
             raise ValueError(f"answer_mode must be 'boxed' or 'lenient', got {answer_mode!r}")
+        check_max_new_tokens(runner, max_new_tokens)
         self.runner = runner
         self.prompt_style = prompt_style
         self.answer_mode = answer_mode

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import resource
 import socket
 import subprocess
@@ -405,6 +406,105 @@ def test_validate_huge_numbers_and_deep_nesting_fail_fast_in_bounded_memory(tmp_
     assert_one_line_error(validate(path), str(path), *expected, bound=10)
 
 
+SAMPLE = '{"question": "q", "gt_ans": "1", "final_valid_transitions": [[0, 1]]}'
+MALFORMED = {  # file text -> what the one error line must say (after the file name)
+    "negative index": (SAMPLE.replace("[[0, 1]]", "[[0, -1]]"), "final_valid_transitions[0] must be a non-empty list"),
+    "float index": (SAMPLE.replace("[[0, 1]]", "[[0, 1.0]]"), "final_valid_transitions[0] must be a non-empty list"),
+    "bool index": (SAMPLE.replace("[[0, 1]]", "[[0, 1], [0, true]]"), "final_valid_transitions[1] must be"),
+    "string index": (SAMPLE.replace("[[0, 1]]", '[[0, "1"]]'), "final_valid_transitions[0] must be"),
+    "null index": (SAMPLE.replace("[[0, 1]]", "[[0, null]]"), "final_valid_transitions[0] must be"),
+    "nested list": (SAMPLE.replace("[[0, 1]]", "[[0, [1]]]"), "final_valid_transitions[0] must be"),
+    "empty program": (SAMPLE.replace("[[0, 1]]", "[[0, 1], []]"), "final_valid_transitions[1] must be"),
+    "a program is not a list": (SAMPLE.replace("[[0, 1]]", "[[0, 1], 5]"), "final_valid_transitions[1] must be"),
+    "NaN score": (SAMPLE[:-1] + ', "initial_score": NaN}', "initial_score must be a finite number, got nan"),
+    "boolean score": (SAMPLE[:-1] + ', "initial_score": true}', "initial_score must be a number, got bool"),
+    "Infinity answer": (SAMPLE.replace('"1"', "Infinity"), "gt_ans must be text, got inf"),
+    "NaN question": (SAMPLE.replace('"q"', "NaN"), "question must be text, got nan"),
+    "empty question": (SAMPLE.replace('"q"', '"  "'), "sample 0: question is empty"),
+    "empty answer": (SAMPLE.replace('"1"', '""'), "sample 0: gt_ans is empty"),
+    "duplicate field": (SAMPLE[:-1] + ', "final_valid_transitions": [[0, 5]]}',
+                        "key 'final_valid_transitions' appears twice in one object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_sample_is_named_by_validate_and_training(tmp_path, capsys, case):
+    text, expected = MALFORMED[case]
+    path = tmp_path / "f.json"
+    path.write_text('{"metadata": {"num_layers": 6}, "samples": [%s]}' % text)
+    assert_one_line_error(call(polar_main, ["validate", path], capsys), str(path), expected, bound=10)
+    from polar.data import SupervisionError, load_samples
+
+    with pytest.raises(SupervisionError, match=re.escape(expected)):
+        load_samples(path)  # what training reads
+
+
+def test_duplicate_question_keys_would_drop_a_sample_and_are_refused(tmp_path, capsys):
+    path = tmp_path / "f.json"
+    path.write_text('{"q1": %s, "q1": %s}' % (SAMPLE, SAMPLE.replace('"q"', '"other"')))
+    assert_one_line_error(call(polar_main, ["validate", path], capsys), str(path), "key 'q1' appears twice")
+
+
+def test_a_byte_order_mark_is_read_as_utf8(tmp_path, capsys):
+    path = tmp_path / "f.json"
+    path.write_bytes(b"\xef\xbb\xbf" + ('{"metadata": {"num_layers": 6}, "samples": [%s]}' % SAMPLE).encode())
+    outcome = call(polar_main, ["validate", path], capsys)
+    assert outcome.code == 0 and f"{path}: ok" in outcome.out
+
+
+def test_bytes_that_are_not_utf8_are_named(tmp_path, capsys):
+    path = tmp_path / "f.json"
+    path.write_bytes(('{"samples": [%s]}' % SAMPLE.replace('"q"', '"caf_"')).encode().replace(b"_", b"\xe9"))
+    assert_one_line_error(call(polar_main, ["validate", path], capsys), str(path), "not UTF-8 text (byte")
+
+
+def test_unreadable_paths_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    loop = tmp_path / "loop.json"
+    loop.symlink_to(loop)
+    folder = tmp_path / "folder.json"
+    folder.mkdir()
+    for path, expected in ((loop, "cannot be read (Too many levels of symbolic links)"),
+                           (folder, "is a directory"), (tmp_path / "missing.json", "file not found")):
+        assert_one_line_error(call(polar_main, ["validate", path], capsys), str(path), expected)
+    # chmod 000 does not stop root, so the refusal is simulated at the read
+    locked = tmp_path / "locked.json"
+    locked.write_text("{}")
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    assert_one_line_error(call(polar_main, ["validate", locked], capsys), str(locked), "cannot be read (Permission denied)")
+
+
+POOL_ROW = '{"query": "What is 1+1?", "gt_ans": "2", "query_id": %d, "query_metadata": {"level": 1}}'
+POOLS = {  # file name, text -> the one error line's words
+    "bad line in the middle": ("pool.jsonl", "\n".join([POOL_ROW % 0, POOL_ROW % 1, '{"query": broken', POOL_ROW % 2]),
+                               "pool.jsonl: line 3: invalid JSON"),
+    "deep nesting in a line": ("pool.jsonl", POOL_ROW % 0 + "\n" + "[" * 100_000 + "]" * 100_000,
+                               "pool.jsonl: line 2: JSON nested too deeply"),
+    "deep nesting in a .json": ("pool.json", "[" * 100_000 + "]" * 100_000, "pool.json: JSON nested too deeply"),
+    "empty": ("pool.jsonl", "", "argument --dataset", "holds no questions of difficulty 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(POOLS))
+def test_a_bad_question_pool_is_named_before_the_model_loads(tmp_path, capsys, case):
+    name, text, *words = POOLS[case]
+    pool = tmp_path / name
+    pool.write_text(text)
+    outcome = call(polar_main, ["search", "--dataset", pool, "--target_diff", 1, "--out", tmp_path / "out"], capsys)
+    assert_one_line_error(outcome, *words, bound=10)
+
+
+def test_a_question_pool_with_a_byte_order_mark_is_read(tmp_path):
+    from polar.io import iter_jsonl
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_bytes(b"\xef\xbb\xbf" + (POOL_ROW % 7).encode() + b"\n")
+    assert list(iter_jsonl(pool)) == [(1, json.loads(POOL_ROW % 7))]
+
+
 def searchlike_paths(rng: random.Random, count: int, depth: int = 30) -> list[list[int]]:
     """Programs as search writes them: the full program after a few skips and block repeats, no
     layer more than twice."""
@@ -515,6 +615,19 @@ def test_a_meaningless_number_is_a_one_line_error(command, flag, value, capsys):
     assert_one_line_error(outcome, f"argument {flag}", value, "(see", bound=5)
 
 
+DEVICE_CASES = [(command, value) for command in ("search", "run", "demo", "run_polar.py")
+                for value in ("nonsense", "mps", "cuda:99")]
+
+
+@pytest.mark.parametrize("command,value", DEVICE_CASES)
+def test_a_device_this_machine_lacks_is_a_one_line_error(command, value, capsys):
+    # was: a RuntimeError / AssertionError traceback after the model had loaded
+    base = [] if command == "run_polar.py" else [command]
+    main = release_main if command == "run_polar.py" else polar_main
+    outcome = call(main, [*base, *REQUIRED[command], "--device", value], capsys)
+    assert_one_line_error(outcome, "argument --device", value, bound=5)
+
+
 def test_train_and_eval_share_the_checks(capsys):
     for command in ("train", "eval"):
         outcome = call(polar_main, [command, "--target_diff", 1, "--beam_size", 0], capsys)
@@ -549,6 +662,35 @@ def test_real_processes_stop_fast_in_bounded_memory(argv, fragment):
     before it is expanded (and before torch is imported)."""
     outcome = run_process(*argv, timeout=30, memory_gb=1)
     assert_one_line_error(outcome, fragment, bound=10)
+
+
+@pytest.mark.parametrize("program", ["+5", "1_0", "\u0663", "0--5", "9" * 5000, "0-5,", "[1.0]", "[true]", "[[1]]"])
+def test_a_program_that_is_not_layer_indices_is_refused_before_loading(program, capsys):
+    # int() read "+5" as 5, "1_0" as 10 and an Arabic-Indic three as 3; 5,000 digits raised
+    # Python's int-string limit without naming the program
+    outcome = call(polar_main, ["run", "--question", "q", "--program", program], capsys)
+    assert_one_line_error(outcome, "program", bound=5)
+
+
+def test_an_empty_question_is_refused_before_loading(capsys):
+    outcome = call(polar_main, ["run", "--question", "  ", "--program", "0-3"], capsys)
+    assert_one_line_error(outcome, "argument --question: the question is empty", bound=5)
+
+
+@pytest.mark.parametrize("command", ["search", "demo", "train", "eval", "run_polar.py"])
+def test_an_output_folder_that_cannot_be_written_stops_the_job_at_its_start(tmp_path, command, capsys):
+    # training ran an epoch (or all of them) before its first write failed with a bare OSError
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "results"
+    flag = "--out" if command in ("search", "demo") else "--save_dir"
+    argv = {"search": ["search", "--limit", 1], "demo": ["demo"], "train": ["train", "--target_diff", 1],
+            "eval": ["eval", "--target_diff", 1], "run_polar.py": ["--target_diff", 1]}[command]
+    main = release_main if command == "run_polar.py" else polar_main
+    outcome = call(main, [*argv, flag, out, "--data_root" if flag == "--save_dir" else "--seed",
+                          tmp_path / "no-data" if flag == "--save_dir" else 1], capsys)
+    assert_one_line_error(outcome, f"argument {flag}: cannot write in {out}", f"{blocker} is not a folder", bound=10)
+    assert not any(p != blocker for p in tmp_path.iterdir())
 
 
 def test_run_polar_process_refuses_zero_epochs():

@@ -374,7 +374,16 @@ def _huge_manifest(weights: Path) -> None:
     manifest.write_text(json.dumps(meta))
 
 
+def _rewrite_tensors(weights: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    save_file({name: change(name, t) for name, t in tensors.items()}, str(weights))
+
+
 CHECKPOINT_DAMAGE = {
+    "integer weights": lambda w: _rewrite_tensors(w, lambda n, t: t.to(torch.int32) if t.dim() == 2 else t),
+    "NaN weights": lambda w: _rewrite_tensors(w, lambda n, t: t * float("nan")),
     "truncated weights": lambda w: _truncate(w),
     "garbage weights": lambda w: w.write_bytes(b"\x07" * 4096),
     "manifest not JSON": lambda w: w.with_suffix(".json").write_text("{"),
@@ -390,6 +399,50 @@ def test_a_damaged_checkpoint_is_named(tiny_model_dir, tmp_path, capsys, damage)
     line = refused(capsys, "run", "--checkpoint", str(weights), "--model_path", str(tiny_model_dir),
                    "--question", "What is 1 + 1?", "--device", "cpu")
     without_paths(line, tmp_path, weights.with_suffix(""))
+
+
+def _drop_tensor(folder: Path) -> None:
+    _rewrite_model(folder, lambda tensors: {k: v for k, v in tensors.items() if "layers.3.mlp.up_proj" not in k})
+
+
+def _integer_embedding(folder: Path) -> None:
+    _rewrite_model(folder, lambda tensors: {k: v.to(torch.int32) if "embed" in k else v for k, v in tensors.items()})
+
+
+def _rewrite_model(folder: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    save_file(change(load_file(str(folder / "model.safetensors"))), str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+MODEL_DAMAGE = {  # damage -> words the one error line must hold; all of these used to run (exit 0)
+    "a layer weight missing": (_drop_tensor, "lack model.layers.3.mlp.up_proj.weight"),
+    "integer weights": (_integer_embedding, "model.embed_tokens.weight is stored as I32"),
+    "garbage tokenizer.json": (lambda f: (f / "tokenizer.json").write_text("garbage{{{"), "tokenizer"),
+    "tokenizer.json nested too deeply": (lambda f: (f / "tokenizer.json").write_text("[" * 100_000), "tokenizer"),
+}
+
+
+@pytest.mark.parametrize("damage", MODEL_DAMAGE)
+def test_a_model_folder_that_would_run_with_wrong_weights_is_named(model_copy, tmp_path, capsys, damage):
+    folder = model_copy()
+    change, words = MODEL_DAMAGE[damage]
+    change(folder)
+    line = refused(capsys, *run_args(folder))
+    assert words in without_paths(line, tmp_path, folder)
+
+
+def test_an_encoder_only_model_is_refused_as_not_decoder_only(tiny_model_dir, tmp_path, capsys):
+    from transformers import BertConfig, BertForMaskedLM
+
+    folder = tmp_path / "bert"
+    BertForMaskedLM(BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    line = refused(capsys, *run_args(folder))
+    assert "not a decoder-only LM" in without_paths(line, tmp_path, folder)
 
 
 # --------------------------------------------------------------------------- questions
@@ -462,3 +515,29 @@ def test_what_counts_as_a_local_path(name, is_path):
     from polar.model_files import looks_like_path
 
     assert looks_like_path(name) is is_path
+
+
+# --------------------------------------------------------------------------- sizes the machine cannot hold
+
+
+@pytest.mark.parametrize("command", ["run", "search"])
+def test_a_token_budget_beyond_the_context_is_refused(tiny_model_dir, tmp_path, capsys, command):
+    # The engine sizes KV caches for the whole budget: 10^11 tokens ended in the allocator.
+    if command == "run":
+        argv = [*run_args(tiny_model_dir)[:-2], "--max_new_tokens", "100000000000"]
+    else:
+        argv = ["search", "--model_path", str(tiny_model_dir), "--dataset", "math", "--target_diff", "1",
+                "--limit", "1", "--num_simulations", "2", "--max_new_tokens", "100000", "--device", "cpu",
+                "--no_progress", "--out", str(tmp_path / "out")]
+    line = refused(capsys, *argv)
+    assert "argument --max_new_tokens" in line and "1024 positions" in line
+    assert not list((tmp_path / "out").rglob("*.json"))  # nothing written
+
+
+def test_an_impossible_allocation_is_one_line_naming_memory(tiny_model_dir, tmp_path, capsys):
+    write_supervision(tmp_path / "data", tiny_model_dir)
+    line = refused(capsys, "train", "--model_path", str(tiny_model_dir), "--data_root", str(tmp_path / "data"),
+                   "--target_diff", "1", "--split_sizes", "2,1", "--num_samples", "1", "--encoder", "hash",
+                   "--save_dir", str(tmp_path / "out"), "--device", "cpu", "--no_progress",
+                   "--polar_d_model", "1000000000", "--polar_heads", "1")
+    assert line.startswith("error: out of memory") and "model width" in line

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from polar.flags import int_range, non_negative_int, positive_int, seed
+from polar.flags import int_range, non_negative_int, positive_int, seed, torch_device
 
 
 def register(subparsers: Any) -> None:
@@ -45,7 +45,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--top_k", type=positive_int, default=d.top_k, help="programs decoded per question (vote@k, pass@k)")
     p.add_argument("--batch_size", type=positive_int, default=d.batch_size, help="sequences per engine call")
     p.add_argument("--seed", type=seed, default=d.seed)
-    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device", type=torch_device, default=d.device, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=d.dtype, help="float32, bfloat16, float16 (default: per device)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is faster on a machine whose "
@@ -58,6 +58,9 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from polar.demo import DemoConfig, run_demo
+    from polar.io import check_writable_dir
+
+    check_writable_dir(args.out, "--out")
 
     if args.threads is not None:
         import torch

@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from polar.flags import non_negative_int, positive_int
+from polar.flags import non_negative_int, positive_int, torch_device
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--answer_mode", default=None, choices=["boxed", "lenient"],
                    help="how the answer is read (default: the checkpoint's, else boxed)")
     p.add_argument("--max_new_tokens", type=positive_int, default=50)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", type=torch_device, default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None)
     p.add_argument("--trust_remote_code", action="store_true",
                    help="allow the model's (and the checkpoint encoder's) own Python code to run (off by default)")
@@ -42,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from polar.programs import format_program, parse_program
 
+    if not args.question.strip():
+        raise ValueError("argument --question: the question is empty")
     if not args.checkpoint and args.program.strip().lower() not in ("full", "all"):
         parse_program(args.program)  # a malformed program fails before torch and the model load
 
@@ -49,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from polar.errors import check_text
     from polar.math import extract_answer
     from polar.prompts import completion_answer_text, default_prompt_style, format_prompt
+    from polar.scoring import check_max_new_tokens
 
     question = check_text(args.question, "--question")
     trained: dict = {}
@@ -64,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     runner = ProgramRunner.from_pretrained(
         model_path, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
     )
+    check_max_new_tokens(runner, args.max_new_tokens)
     style = args.prompt_style or trained.get("prompt_style") or default_prompt_style(model_path)
     answer_mode = args.answer_mode or trained.get("answer_mode") or "boxed"
     fewshot = args.fewshot if args.fewshot is not None else int(trained.get("fewshot") or 0)

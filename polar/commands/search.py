@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from polar.distributed import default_device, parse_shard
-from polar.flags import finite_float, non_negative_float, non_negative_int, positive_float, positive_int, probability, seed
+from polar.flags import (
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    seed,
+    torch_device,
+)
 
 DATASETS = ("dart", "math", "gsm8k", "math500", "asdiv", "mawps", "svamp")
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -48,7 +57,7 @@ def register(subparsers: Any) -> None:
                    help="questions searched at once (default: batch_size)")
     p.add_argument("--seed", type=seed, default=42,
                    help="search RNG seed (the release reseeds 42 for every question; default: 42)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
+    p.add_argument("--device", type=torch_device, default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--min_length", type=positive_int, default=None, help="shortest allowed program (default: per model)")
     p.add_argument("--max_length", type=positive_int, default=None, help="longest allowed program (default: per model)")
@@ -113,12 +122,13 @@ def resolve_prompt_style(style: str | None, model_path: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from polar.distributed import join_group, leave_group, wait_for_all_ranks
-    from polar.io import run_metadata
+    from polar.io import check_writable_dir, run_metadata
     from polar.data import model_dir_name
     from polar.search import SearchConfig, merge_shards, run_shard, task_name
 
     if args.min_length is not None and args.max_length is not None and args.min_length > args.max_length:
         raise ValueError(f"argument --min_length: {args.min_length} is above --max_length {args.max_length}")
+    check_writable_dir(args.out, "--out")  # results are written as questions finish: fail before the first
     shard, num_shards = parse_shard(args.shard)
     pool_kind = args.dataset if args.dataset in DATASETS else "dart"  # a local pool file is the DART pool
     task_dir = Path(args.out) / model_dir_name(args.model_path) / task_name(pool_kind, args.target_diff)
@@ -130,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
     prompt_style = resolve_prompt_style(args.prompt_style, args.model_path)
     questions = load_question_list(args.dataset, args.target_diff, args.offset, args.limit)
     if not questions:
+        if args.offset == 0:
+            raise ValueError(f"argument --dataset: {args.dataset} holds no questions"
+                             + (f" of difficulty {args.target_diff}" if args.target_diff else ""))
         raise ValueError(f"argument --offset: {args.offset} is past the last question of {args.dataset}")
     resume_key = {
         "model_path": args.model_path, "dataset": args.dataset, "target_diff": args.target_diff,
