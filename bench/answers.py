@@ -19,7 +19,7 @@ import argparse
 import time
 
 from polar.datasets import load_questions
-from polar.math import _as_number, check_answers, normalize_answer
+from polar.math import as_number, check_answers, normalize_answer
 
 
 def _timed(preds: list[str], golds: list[str], fast_path: bool, repeats: int) -> tuple[float, float]:
@@ -38,7 +38,7 @@ def main() -> None:
 
     golds = [q.answer for q in load_questions("math500")]
     shifted = golds[1:] + golds[:1]
-    numbers = [g for g in golds if _as_number(normalize_answer(g)) is not None]
+    numbers = [g for g in golds if as_number(normalize_answer(g)) is not None]
     rows = [
         ("gold vs gold", golds, golds, True),
         ("gold vs gold, math-verify only", golds, golds, False),

@@ -270,8 +270,9 @@ _REL = Decimal(repr(REL_TOL))
 _ABS = Decimal(repr(ABS_TOL))
 
 
-def _as_number(key: str) -> Decimal | None:
-    """A plain number (``-12``, ``0.5``, ``1e-3``, ``3/4``, ``\\frac{3}{4}``) as a Decimal, or None.
+def as_number(key: str) -> Decimal | None:
+    """A normalised answer (:func:`normalize_answer`) that is a plain number (``-12``, ``0.5``,
+    ``1e-3``, ``3/4``, ``\\frac{3}{4}``) as a Decimal, or None: the numeric shortcut's reading.
 
     Every step is linear in the length of ``key`` whatever its digits and exponent; a value out of
     range comes back infinite, which :func:`numbers_close` never calls close to anything.
@@ -322,7 +323,7 @@ def _fast_verdict(pred_key: str, gold_key: str) -> bool | None:
         return True
     if not pred_key or not gold_key:
         return False
-    pred_num, gold_num = _as_number(pred_key), _as_number(gold_key)
+    pred_num, gold_num = as_number(pred_key), as_number(gold_key)
     if pred_num is not None and gold_num is not None:
         return numbers_close(pred_num, gold_num)
     if _CHOICE.match(pred_key) or _CHOICE.match(gold_key):
