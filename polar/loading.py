@@ -138,7 +138,7 @@ def _load_pretrained(where: str, dtype: torch.dtype, common: dict, source: str, 
                 "polar runs decoder-only LMs"
             ) from None
         raise
-    missing = sorted(set(info.get("missing_keys") or ()))
+    missing = _untied_missing(model, info.get("missing_keys") or ())
     if missing:  # transformers would run them with random weights: silently wrong answers
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise ModelFileError(f"{source}: its weight files lack {missing[0]}{more}; transformers would fill "
@@ -245,6 +245,18 @@ def _save_dequantized(loaded: LoadedModel, directory: Path) -> None:
     config.save_pretrained(directory)
     save_model(loaded.model, str(directory / "model.safetensors"))
     loaded.tokenizer.save_pretrained(directory)
+
+
+def _untied_missing(model: Any, missing: Any) -> list[str]:
+    """The parameters the weight files lacked, less those tied to one that was loaded (a tied
+    ``lm_head.weight`` is the embedding; some transformers versions still list it as missing)."""
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    missing = set(missing)
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    return sorted(name for name in missing
+                  if name not in parameters or all(other in missing for other in names_of[id(parameters[name])]))
 
 
 def _check_decoder_only(model: Any, name: str) -> None:

