@@ -250,11 +250,11 @@ def _save_dequantized(loaded: LoadedModel, directory: Path) -> None:
 def _untied_missing(model: Any, missing: Any) -> list[str]:
     """The parameters the weight files lacked, less those tied to one that was loaded (a tied
     ``lm_head.weight`` is the embedding; some transformers versions still list it as missing)."""
+    parameters = dict(model.named_parameters(remove_duplicate=False))
     names_of: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
+    for name, param in parameters.items():
         names_of.setdefault(id(param), []).append(name)
     missing = set(missing)
-    parameters = dict(model.named_parameters(remove_duplicate=False))
     return sorted(name for name in missing
                   if name not in parameters or all(other in missing for other in names_of[id(parameters[name])]))
 
