@@ -2,8 +2,37 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import pytest
 import torch
+
+
+class _CurrentStderr:
+    """A stream that writes to whatever ``sys.stderr`` is at the moment of writing."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+@pytest.fixture(autouse=True)
+def _library_logs_follow_capture():
+    """transformers gives its logger a stream handler bound to ``sys.stderr`` as it is when the
+    library first logs; under pytest that is one test's capture, closed when the test ends, and
+    every later warning would print a "Logging error" traceback into another test's stderr. The
+    handler writes to the current ``sys.stderr`` instead, so results do not depend on test order."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers")  # the library's handler exists from here on
+    for handler in logging.getLogger("transformers").handlers:
+        if type(handler) is logging.StreamHandler and not isinstance(handler.stream, _CurrentStderr):
+            handler.stream = _CurrentStderr()  # plain assignment: flushing the old stream may fail
+    yield
+
 
 TINY = dict(
     vocab_size=97,
