@@ -59,14 +59,11 @@ def run_command(func, args) -> int:
     except (MemoryError, RuntimeError) as err:
         if not _is_out_of_memory(err):
             raise
-        print(f"error: out of memory ({_first_line(err) or type(err).__name__}); a size or count flag "
+        from polar.model_files import first_line
+
+        print(f"error: out of memory ({first_line(err)}); a size or count flag "
               "(batch size, model width, token budget) asks for more than this machine has", file=sys.stderr)
         return 2
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def _is_out_of_memory(err: BaseException) -> bool:

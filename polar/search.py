@@ -69,7 +69,7 @@ from typing import Any, Protocol
 
 from polar import locks
 from polar.errors import DataError
-from polar.io import write_json_atomic
+from polar.io import collection_paused, write_json_atomic
 from polar.programs import full_program
 
 Program = tuple[int, ...]
@@ -372,13 +372,8 @@ def _collection_paused() -> Iterator["_SparseCollections"]:
     it while the device idles between rounds. Finished trees are freed by reference counting
     (:func:`free_tree` breaks their cycles), so the sparse collections only bound cyclic garbage
     from elsewhere (the scorer, the model's code); the setting is restored on exit."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with collection_paused():
         yield _SparseCollections()
-    finally:
-        if enabled:
-            gc.enable()
 
 
 class _SparseCollections:
